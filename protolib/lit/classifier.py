@@ -1,0 +1,122 @@
+"""The LightningModule every protolib classifier builds on: steps, accuracy, optimiser, OOD contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ClassifierModule(L.LightningModule):
+    """Train/val/test loop for image classifiers with dict batches ``{"image", "label", "index"}``.
+
+    Subclasses implement :meth:`extract` (``"logits"`` and ``"features"`` at least) and may override
+    :meth:`compute_loss` and :meth:`parameter_groups`. ``last_layer`` maps ``features`` to ``logits``
+    (``None`` when there is no such layer) and ``prototype_bank`` is the model's bank (or ``None``):
+    the OOD postprocessors and explanations read these, never re-implement them.
+    """
+
+    last_layer: nn.Module | None = None
+    prototype_bank: nn.Module | None = None
+
+    def __init__(
+        self,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # Set by train.py so that protolib.lit.checkpoint.load_module can rebuild the module from a checkpoint.
+        self.build_config: dict[str, Any] | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------------
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return at least ``"logits"`` (B, C) and ``"features"`` (B, F) for a batch of images."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its named terms (logged as ``train/<name>``); cross-entropy by default."""
+        loss = F.cross_entropy(outputs["logits"], batch["label"])
+        return loss, {"ce": loss.detach()}
+
+    def parameter_groups(self) -> list[dict[str, Any]] | Iterable[nn.Parameter]:
+        """What the optimiser updates: every trainable parameter by default."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extract(images)["logits"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        outputs = self.extract(batch["image"])
+        loss, terms = self.compute_loss(batch, outputs)
+        check_finite_loss(loss, terms, self.global_step)
+        self.train_acc(outputs["logits"].detach(), batch["label"])
+        batch_size = batch["label"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+        logits = self(batch["image"])
+        labels = batch["label"]
+        accuracy(logits, labels)
+        batch_size = labels.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=batch_size)
+        if stage == "test":
+            self.test_confusion.update(logits.argmax(dim=1), labels)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(f"{type(self).__name__} has no optimizer: set model.optimizer in the config")
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.build_config is not None:
+            checkpoint["protolib"] = self.build_config
+
+
+def check_finite_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+    """Stop with the names of the non-finite loss terms instead of training on NaN."""
+    if torch.isfinite(loss):
+        return
+    bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+    raise FloatingPointError(
+        f"loss is {loss.item()} at step {step} (non-finite terms: {bad or 'none; the total'}); "
+        "lower the learning rate, check the input normalisation, or enable gradient clipping "
+        "(trainer.gradient_clip_val)"
+    )

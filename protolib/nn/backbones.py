@@ -1,0 +1,90 @@
+"""Backbones: a small CNN for the tiny built-in datasets, CIFAR ResNets, and any timm model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv blocks with two 2x2 poolings: stride 4, ``width * 2`` output channels.
+
+    Sized for 16-64 px images (digits, parts), where a timm ImageNet model would be mostly padding.
+    """
+
+    def __init__(self, in_chans: int = 3, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *block(in_chans, width),
+            *block(width, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            *block(2 * width, 2 * width),
+            nn.MaxPool2d(2),
+        )
+        self.out_channels = 2 * width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)  # (B, 2*width, H/4, W/4)
+
+
+class TimmFeatureMap(nn.Module):
+    """The last feature map of a timm model, (B, C, h, w), whatever the architecture family."""
+
+    def __init__(self, name: str, pretrained: bool, in_chans: int) -> None:
+        super().__init__()
+        import timm
+
+        try:
+            self.body = timm.create_model(
+                name, pretrained=pretrained, features_only=True, out_indices=(-1,), in_chans=in_chans
+            )
+        except RuntimeError as error:
+            if "Unknown model" in str(error):
+                raise ValueError(
+                    f"backbone {name!r} is neither 'small_cnn', 'cifar_resnet18/34' nor a timm model; "
+                    "list timm names with timm.list_models()"
+                ) from error
+            raise
+        self.out_channels = int(self.body.feature_info.channels()[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)[-1]
+
+
+class Pooled(nn.Module):
+    """Global average pooling on top of a feature-map backbone: (B, C, h, w) -> (B, C)."""
+
+    def __init__(self, feature_map: nn.Module) -> None:
+        super().__init__()
+        self.feature_map = feature_map
+        self.out_channels = feature_map.out_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(images).mean(dim=(2, 3))
+
+
+def build_backbone(
+    name: str, pretrained: bool = False, in_chans: int = 3, pooled: bool = False, **kwargs: int
+) -> nn.Module:
+    """Build a backbone by name; it has ``out_channels`` and returns (B, C, h, w), or (B, C) if ``pooled``.
+
+    ``small_cnn`` and ``cifar_resnet18``/``cifar_resnet34`` are built here (``kwargs`` go to them);
+    any other name is a timm model (weights only when ``pretrained`` and a network are available).
+    """
+    if name == "small_cnn":
+        net: nn.Module = SmallCNN(in_chans=in_chans, **kwargs)
+    elif name.startswith("cifar_resnet"):
+        from protolib.nn.cifar_resnet import cifar_resnet
+
+        depth = name.removeprefix("cifar_resnet")
+        if not depth.isdigit():
+            raise ValueError(f"backbone {name!r}: expected cifar_resnet18 or cifar_resnet34")
+        net = cifar_resnet(int(depth), in_chans=in_chans)
+    else:
+        net = TimmFeatureMap(name, pretrained=pretrained, in_chans=in_chans)
+    return Pooled(net) if pooled else net
