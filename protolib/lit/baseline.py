@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from protolib.lit.classifier import ClassifierModule, OptimizerFactory, SchedulerFactory
 from protolib.models.baseline import BaselineNet
@@ -25,7 +26,11 @@ class BaselineClassifier(ClassifierModule):
     ) -> None:
         super().__init__(num_classes, optimizer=optimizer, scheduler=scheduler)
         self.net = BaselineNet(num_classes, in_channels, backbone, pretrained, head, dropout, cosine_scale)
-        self.last_layer = self.net.last_layer
+        self.prototype_bank = None
+
+    @property
+    def last_layer(self) -> nn.Module:
+        return self.net.last_layer
 
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net.extract(images)

@@ -24,8 +24,10 @@ class ClassifierModule(L.LightningModule):
     the OOD postprocessors and explanations read these, never re-implement them.
     """
 
-    last_layer: nn.Module | None = None
-    prototype_bank: nn.Module | None = None
+    # Every subclass sets both (as submodules or properties); declared here, not defaulted, so that
+    # a subclass assigning a module registers it normally.
+    last_layer: nn.Module | None
+    prototype_bank: nn.Module | None
 
     def __init__(
         self,
