@@ -22,7 +22,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 MIN_POINTS_PER_LIST = 39
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "ivf": {"nlist": 1024, "nprobe": 16},
+    "ivf": {"nlist": 1024, "nprobe": 8},
     "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 64},
 }
 
@@ -44,14 +44,19 @@ def as_float32(x: torch.Tensor | np.ndarray, dim: int, name: str) -> np.ndarray:
         x = x.detach().to("cpu", torch.float32).numpy()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"{name} must have shape (N, {dim}), got {tuple(x.shape)}; reshape it to (N, {dim}).")
+        raise ValueError(
+            f"{name} must have shape (N, {dim}), got {tuple(x.shape)}; reshape it to (N, {dim})."
+        )
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf values; clean the vectors before indexing them.")
     return x
 
 
 class FaissIndex:
-    """A FAISS index with the bank's metric and distance convention; build with :func:`build_index`."""
+    """A FAISS index with the bank's metric and distance convention; build with :func:`build_index`.
+
+    The search-time knobs ``nprobe`` (ivf) and ``ef_search`` (hnsw) may be changed between searches.
+    """
 
     def __init__(
         self,
@@ -59,11 +64,11 @@ class FaissIndex:
         metric: str = "l2",
         kind: str = "flat",
         *,
-        nlist: int = 1024,
-        nprobe: int = 16,
-        M: int = 32,  # noqa: N803 (FAISS's name for the HNSW graph degree)
-        efConstruction: int = 80,  # noqa: N803
-        efSearch: int = 64,  # noqa: N803
+        nlist: int = DEFAULT_OPTIONS["ivf"]["nlist"],
+        nprobe: int = DEFAULT_OPTIONS["ivf"]["nprobe"],
+        M: int = DEFAULT_OPTIONS["hnsw"]["M"],  # FAISS's names for the HNSW knobs
+        efConstruction: int = DEFAULT_OPTIONS["hnsw"]["efConstruction"],
+        efSearch: int = DEFAULT_OPTIONS["hnsw"]["efSearch"],
         use_gpu: bool | None = None,
     ) -> None:
         if metric not in METRICS:
@@ -72,8 +77,13 @@ class FaissIndex:
             raise ValueError(f"Unknown index kind {kind!r}; choose one of {INDEX_KINDS}.")
         if dim < 1:
             raise ValueError(f"Index dimension must be >= 1, got {dim}.")
-        for name, value in {"nlist": nlist, "nprobe": nprobe, "M": M, "efConstruction": efConstruction,
-                            "efSearch": efSearch}.items():
+        for name, value in {
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "M": M,
+            "efConstruction": efConstruction,
+            "efSearch": efSearch,
+        }.items():
             if int(value) < 1:
                 raise ValueError(f"Index option {name} must be >= 1, got {value}.")
         self.dim, self.metric, self.kind = int(dim), metric, kind
@@ -122,8 +132,8 @@ class FaissIndex:
             nlist = max(1, len(x) // MIN_POINTS_PER_LIST)
             warnings.warn(
                 f"IVF index: {len(x)} vectors are too few for nlist={self.nlist} "
-                f"({MIN_POINTS_PER_LIST} per list needed); using nlist={nlist}. Lower nlist in conf/bank/ivf.yaml "
-                "or use the flat index for small banks.",
+                f"({MIN_POINTS_PER_LIST} per list needed); using nlist={nlist}. Lower nlist in "
+                "conf/bank/ivf.yaml or use the flat index for small banks.",
                 stacklevel=3,
             )
         quantizer = faiss.IndexFlatL2(self.dim) if self.metric == "l2" else faiss.IndexFlatIP(self.dim)
@@ -133,7 +143,7 @@ class FaissIndex:
         self._index = self._maybe_gpu(index)
 
     def add(self, x: torch.Tensor | np.ndarray) -> None:
-        """Index the rows of ``x`` (N, dim); their ids continue from ``ntotal``. IVF trains on the first add."""
+        """Index the rows of ``x`` (N, dim), ids continuing from ``ntotal``; IVF trains on the first add."""
         x = self._prepare(x, "vectors")
         if len(x) == 0:
             return
@@ -153,6 +163,8 @@ class FaissIndex:
             raise ValueError(f"k must be >= 1, got {k}.")
         if self.ntotal == 0:
             raise ValueError("The index is empty; add vectors before searching it.")
+        if self.kind == "ivf":
+            self._index.nprobe = min(self.nprobe, self._index.nlist)  # `nprobe` may change between searches
         params = self._search_params(k, subset)
         dist, ids = self._index.search(q, k) if params is None else self._index.search(q, k, params=params)
         return self._to_distance(dist, ids), ids.astype(np.int64, copy=False)
@@ -161,15 +173,20 @@ class FaissIndex:
         if subset is None and self.kind != "hnsw":
             return None  # flat needs none; IVF has nprobe set on the index
         if subset is not None and self.on_gpu:
-            raise ValueError("Candidate subsets are not supported by GPU FAISS indexes; search the subset exactly.")
-        selector = None if subset is None else faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
+            raise ValueError(
+                "Candidate subsets are not supported by GPU FAISS indexes; search the subset exactly."
+            )
+        # A filter keeping a fraction f of the vectors leaves ~f of what the search visits: widen the
+        # search by 1/f so filtered recall stays close to unfiltered recall.
+        widen = 1 if subset is None else -(-self.ntotal // max(1, len(subset)))
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            params = faiss.SearchParametersHNSW(efSearch=min(max(self.ef_search, k) * widen, self.ntotal))
         elif self.kind == "ivf":
-            params = faiss.SearchParametersIVF(nprobe=self._index.nprobe)
+            params = faiss.SearchParametersIVF(nprobe=min(self.nprobe * widen, self._index.nlist))
         else:
             params = faiss.SearchParameters()
-        if selector is not None:
+        if subset is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(subset, dtype=np.int64))
             params.sel = selector
             params.selector_ref = selector  # SWIG does not keep the selector alive on its own
         return params

@@ -24,7 +24,7 @@ INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
 class ImageSource(Dataset, ABC):
     """Samples of one split: ``load(i)`` -> {"image": (C, S, S) float in [0, 1], extras...}.
 
-    Subclasses set ``targets`` ((N,) long, original class ids) and ``channels`` (channels of the decoded image).
+    Subclasses set ``targets`` ((N,) long, original class ids) and ``channels`` (of the decoded images).
     Indexing a source directly gives the raw sample with "label" and "index" added (no normalisation).
     """
 
@@ -90,6 +90,15 @@ class TensorSource(ImageSource):
         return {"image": resize(image, self.image_size, self.interpolation)}
 
 
+def visible_part_locs(xy: torch.Tensor, visible: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(P, 3) x, y, visible for pixel-index points ``xy`` (P, 2) in an (H, W) image; hidden/outside -> 0."""
+    h, w = size
+    x, y = xy[:, 0] + 0.5, xy[:, 1] + 0.5  # pixel i covers [i - 0.5, i + 0.5)
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    keep = (visible > 0) & inside
+    return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1) * keep[:, None]
+
+
 def require_file(path: Path, hint: str) -> Path:
     """Return ``path`` if it exists, else raise FileNotFoundError naming it and how to obtain it."""
     if not path.exists():
@@ -109,15 +118,15 @@ def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
         with Image.open(path) as pil:
             return pil.convert("L" if channels == 1 else "RGB")  # convert() forces the full decode
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file {path} not found; restore it or remove it from the dataset") from err
+        raise FileNotFoundError(f"image file {path} not found; restore it or drop it from the list") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}; the file is corrupt, replace or remove it") from err
+        raise ValueError(f"cannot decode image {path}: {err}; the file is corrupt, replace it") from err
 
 
 def pil_to_tensor(
     pil: Image.Image, size: int, box: tuple[float, float, float, float] | None = None
 ) -> torch.Tensor:
-    """Crop ``box`` (x0, y0, x1, y1; default the whole image), resize to a square, -> (C, size, size) in [0, 1]."""
+    """Crop ``box`` (x0, y0, x1, y1; default: whole image) and resize -> (C, size, size) in [0, 1]."""
     pil = pil.resize((size, size), Image.Resampling.BILINEAR, box=box)
     array = np.asarray(pil, dtype=np.uint8)  # (S, S) or (S, S, 3)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -128,7 +137,11 @@ class ImageFileSource(ImageSource):
     """Image files decoded lazily with PIL, converted to ``channels`` (1 or 3) and resized to a square."""
 
     def __init__(
-        self, paths: Sequence[str | os.PathLike], targets: Sequence[int] | np.ndarray, channels: int, image_size: int
+        self,
+        paths: Sequence[str | os.PathLike],
+        targets: Sequence[int] | np.ndarray,
+        channels: int,
+        image_size: int,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.targets = as_targets(targets)

@@ -1,4 +1,4 @@
-"""Seeded splits: stratified sample splits, in-distribution vs held-out classes, labelled vs unlabelled samples.
+"""Seeded splits: stratified sample splits, in-distribution vs held-out classes, labelled vs unlabelled.
 
 All functions are deterministic in ``seed``. Sample splits draw each class with its own generator seeded by
 (seed, class id), so the samples chosen for one class do not depend on which other classes are present.
@@ -15,7 +15,8 @@ ArrayLike = Sequence[int] | np.ndarray | torch.Tensor
 
 
 def _labels(targets: ArrayLike) -> np.ndarray:
-    return np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64).reshape(-1)
+    values = targets.cpu().numpy() if isinstance(targets, torch.Tensor) else targets
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
 def _check_seed(seed: int) -> int:
@@ -46,15 +47,15 @@ def stratified_split(targets: ArrayLike, fraction: float, seed: int = 0) -> tupl
 def split_classes(
     num_classes: int, num_held_out: int | None = None, held_out: Sequence[int] | None = None, seed: int = 0
 ) -> tuple[list[int], list[int]]:
-    """Choose in-distribution vs held-out classes: ``num_held_out`` drawn at random (seeded), or ``held_out`` given.
+    """In-distribution vs held-out classes: ``num_held_out`` drawn at random (seeded), or ``held_out`` given.
 
-    Returns (id_classes, held_out_classes), both sorted lists of class ids that partition ``range(num_classes)``.
+    Returns (id_classes, held_out_classes): sorted lists of class ids partitioning ``range(num_classes)``.
     """
     if (num_held_out is None) == (held_out is None):
-        raise ValueError("give exactly one of num_held_out (a count drawn at random) or held_out (a list of ids)")
+        raise ValueError("give exactly one of num_held_out (a count drawn at random) or held_out (class ids)")
     if held_out is None:
         if not 0 < num_held_out < num_classes:
-            raise ValueError(f"num_held_out must be in 1..{num_classes - 1} for {num_classes} classes, got {num_held_out}")
+            raise ValueError(f"num_held_out must be in 1..{num_classes - 1}, got {num_held_out}")
         rng = np.random.default_rng(_check_seed(seed))
         chosen = {int(c) for c in rng.choice(num_classes, size=num_held_out, replace=False)}
     else:

@@ -38,7 +38,8 @@ def palm_mle_loss(
     _check_form(form)
     if weights.shape != (embeddings.shape[0], prototypes.shape[0]):
         raise ValueError(
-            f"weights must be (N, P) = {(embeddings.shape[0], prototypes.shape[0])}, got {tuple(weights.shape)}"
+            f"weights must be (N, P) = {(embeddings.shape[0], prototypes.shape[0])}, "
+            f"got {tuple(weights.shape)}"
         )
     logits = embeddings @ prototypes.transpose(0, 1) / temperature  # (N, P)
     log_normaliser = torch.logsumexp(logits, dim=1)  # (N,)
@@ -68,7 +69,11 @@ def prototype_contrastive_loss(
     log_normaliser = torch.logsumexp(logits.masked_fill(itself, float("-inf")), dim=1)  # (P,)
     has_positive = positive.any(dim=1)
     if form == "paper":
-        log_positive = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+        # Rows without positives get finite placeholders (replaced below) so no NaN reaches the gradient.
+        positive_logits = torch.where(
+            has_positive[:, None], logits.masked_fill(~positive, float("-inf")), 0.0
+        )
+        log_positive = torch.logsumexp(positive_logits, dim=1)
     else:
         log_positive = (logits * positive).sum(dim=1) / positive.sum(dim=1).clamp_min(1)
     log_positive = torch.where(has_positive, log_positive, torch.zeros_like(log_positive))

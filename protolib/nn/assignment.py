@@ -92,14 +92,3 @@ def prototype_assignment(
         kept = torch.zeros_like(in_class).scatter_(1, log_q.topk(topk, dim=1).indices, True) & in_class
         log_q = log_q.masked_fill(~kept, float("-inf"))
     return torch.softmax(log_q, dim=1)  # renormalised over the kept prototypes: rows sum to 1
-
-
-def assignment_means(embeddings: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Assignment-weighted mean embedding per prototype and its total weight: (P, D) and (P,).
-
-    A prototype that received no weight gets a zero vector (and mass 0): EMA toward it only rescales a
-    prototype, which re-normalisation undoes. Differentiable in ``embeddings``.
-    """
-    mass = weights.sum(dim=0)  # (P,)
-    sums = weights.transpose(0, 1).to(embeddings.dtype) @ embeddings  # (P, D)
-    return sums / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None].to(embeddings.dtype), mass

@@ -37,12 +37,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3x3 stride-1 stem and four stages (64, 128, 256, 512 channels; strides 1, 2, 2, 2): stride 8 overall."""
+    """3x3 stride-1 stem, four stages (64, 128, 256, 512 channels; strides 1, 2, 2, 2): stride 8 overall."""
 
     def __init__(self, stage_depths: tuple[int, int, int, int], in_chans: int = 3) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+            nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
         in_channels = 64

@@ -1,0 +1,54 @@
+"""Lightning callback that renders the prototype pictures into the run directory after every push."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from explain.prototypes import render_prototypes
+from protolib.lit.callbacks.protopnet import push_loader
+
+log = logging.getLogger(__name__)
+
+
+class PrototypePictures(L.Callback):
+    """After each push (and pruning), write every prototype's picture, the class gallery and
+    ``prototypes.json`` into ``<run dir>/<dirname>/epoch-XXX`` (run dir = ``trainer.default_root_dir``).
+
+    Works with any module whose ``model`` is a :class:`~protolib.models.protopnet.ProtoPNet`; renders at the
+    end of the epoch that follows a push, when the prototypes are final for that push.
+    """
+
+    def __init__(self, dirname: str = "prototypes", classes_per_page: int = 25) -> None:
+        self.dirname = dirname
+        self.classes_per_page = classes_per_page
+        self.rendered_revision = 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        revision = int(pl_module.model.revision)
+        if revision == self.rendered_revision:
+            return
+        self.rendered_revision = revision
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        out_dir = Path(trainer.default_root_dir) / self.dirname / f"epoch-{trainer.current_epoch:03d}"
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            written = render_prototypes(
+                pl_module.model, push_loader(trainer).dataset, out_dir, datamodule.denormalize,
+                class_names=getattr(datamodule, "class_names", None), classes_per_page=self.classes_per_page,
+            )
+        finally:
+            pl_module.train(was_training)
+        log.info("wrote %d prototype pictures to %s", len(written), out_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rendered_revision": self.rendered_revision}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rendered_revision = int(state_dict["rendered_revision"])

@@ -1,0 +1,1 @@
+"""Lightning callbacks that drive multi-stage schedules (ProtoPNet phases, push, pruning, early stopping)."""

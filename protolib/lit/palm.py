@@ -1,0 +1,214 @@
+"""PALM LightningModule: mixture-of-prototypes learning for OOD detection (Lu et al., ICLR 2024).
+
+Each training step embeds the (two) augmented views, assigns every embedding softly to its class's
+prototypes (Sinkhorn-Knopp, top-k pruning), moves the prototypes by EMA toward their assigned embeddings,
+and minimises the mixture MLE loss plus the prototype contrastive loss. At test time ``extract`` gives the
+pooled backbone features (the reference scores OOD by Mahalanobis distance on them), the embedding and its
+similarity to every prototype; ``logits`` are per-class log-sum-exps of ``similarity / temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from protolib.bank import PrototypeBank
+from protolib.lit.classifier import ClassifierModule, OptimizerFactory, SchedulerFactory, check_finite_loss
+from protolib.losses.palm import LOSS_FORMS, palm_mle_loss, prototype_contrastive_loss
+from protolib.models.palm import PALMNet
+from protolib.ood.features import extract_features
+from protolib.ood.metrics import ood_metrics
+from protolib.ood.postprocessors.base import Postprocessor
+from protolib.ood.postprocessors.gaussian import Mahalanobis
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.02,
+    final_lr_factor: float = 1e-3,
+) -> LambdaLR:
+    """The PALM reference's per-step schedule: linear warm-up from 0, cosine decay to ``final_lr_factor`` lr.
+
+    ``warmup_fraction`` is the share of all steps spent warming up (10 of 500 epochs = 0.02).
+    """
+    if total_steps < 1 or not 0.0 <= warmup_fraction < 1.0:
+        raise ValueError(
+            f"warmup_cosine needs total_steps >= 1 and 0 <= warmup_fraction < 1, got {total_steps}, "
+            f"{warmup_fraction}"
+        )
+    warmup_steps = round(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine + final_lr_factor * (1 - cosine)
+
+    return LambdaLR(optimizer, factor)
+
+
+class PALMModule(ClassifierModule):
+    """PALM on the prototype bank ``net.bank``; ``last_layer`` is ``None`` (no linear classifier).
+
+    ``loss_form="paper"`` uses the paper's equations, ``"reference"`` the authors' code (see
+    :mod:`protolib.losses.palm`). The scheduler factory is called as ``scheduler(optimizer, total_steps=...)``
+    and stepped every batch (e.g. :func:`warmup_cosine`).
+    """
+
+    last_layer = None  # logits are prototype log-likelihoods, not a linear layer of the features
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        backbone: str = "cifar_resnet34",
+        pretrained: bool = False,
+        embedding_dim: int = 128,
+        head_hidden_dim: int | None = None,
+        prototypes_per_class: int = 6,
+        topk: int | None = 5,
+        momentum: float = 0.999,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        temperature: float = 0.1,
+        contrastive_temperature: float = 0.5,
+        contrastive_weight: float = 1.0,
+        loss_form: str = "paper",
+        bank: Callable[..., PrototypeBank] = PrototypeBank,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__(num_classes, optimizer=optimizer, scheduler=scheduler)
+        if loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form {loss_form!r} is unknown: use one of {LOSS_FORMS}")
+        self.net = PALMNet(
+            num_classes,
+            in_channels=in_channels,
+            backbone=backbone,
+            pretrained=pretrained,
+            embedding_dim=embedding_dim,
+            head_hidden_dim=head_hidden_dim,
+            prototypes_per_class=prototypes_per_class,
+            temperature=temperature,
+            momentum=momentum,
+            epsilon=epsilon,
+            sinkhorn_iterations=sinkhorn_iterations,
+            topk=topk,
+            bank=bank,
+        )
+        self.contrastive_temperature = contrastive_temperature
+        self.contrastive_weight = contrastive_weight
+        self.loss_form = loss_form
+
+    @property
+    def prototype_bank(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.net.bank
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net.extract(images)
+
+    def palm_losses(
+        self, embedding: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Assign, update the prototypes, and return (total loss, named terms, new prototypes (P, E)).
+
+        ``embedding`` (N, E) and ``labels`` (N,) hold every view of every sample; the EMA step happens here.
+        """
+        weights = self.net.assign(embedding, labels)  # (N, P)
+        prototypes = self.net.update_prototypes(embedding, weights)  # (P, E), new values
+        mle = palm_mle_loss(
+            embedding.float(), prototypes.detach(), weights, self.net.temperature, self.loss_form
+        )
+        terms = {"mle": mle}
+        loss = mle
+        if self.contrastive_weight > 0:
+            contrast = prototype_contrastive_loss(
+                prototypes, self.net.bank.owners, self.contrastive_temperature, self.loss_form
+            )
+            loss = loss + self.contrastive_weight * contrast
+            terms["proto_contra"] = contrast
+        return loss, {name: value.detach() for name, value in terms.items()}, prototypes
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]  # (B, V, C, H, W) for V views, or (B, C, H, W)
+        if images.ndim == 5:  # view-major, as the reference concatenates its two crops
+            views = images.shape[1]
+            images = images.transpose(0, 1).reshape(-1, *images.shape[2:])  # (V * B, C, H, W)
+        else:
+            views = 1
+        _, embedding = self.net.embed(images)
+        all_labels = labels.repeat(views)  # (V * B,)
+        loss, terms, prototypes = self.palm_losses(embedding, all_labels)
+        check_finite_loss(loss, terms, self.global_step)
+        logits = self.net.class_logits(embedding.detach().float() @ prototypes.detach().transpose(0, 1))
+        self.train_acc(logits, all_labels)
+        batch_size = labels.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("PALMModule has no optimizer: set model.optimizer in the config")
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class HeldOutOODMetrics(L.Callback):
+    """Log OOD detection of the held-out classes as validation metrics: ``val/ood_auroc``, ``val/ood_fpr95``.
+
+    ID data is the datamodule's validation split, OOD data its ``held_out_dataloader(split)`` (the classes
+    left out of ``data.classes``). The postprocessor is fitted on ``push_dataloader()`` (training images, eval
+    transform) when it needs a fit; the default is PALM's test-time score, Mahalanobis distance on
+    L2-normalised, standardised backbone features under one Gaussian. A monitoring signal: selecting
+    checkpoints by it would tune on the OOD data.
+    """
+
+    def __init__(
+        self, postprocessor: Postprocessor | None = None, split: str = "val", every_n_epochs: int = 1
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        self.postprocessor = postprocessor or Mahalanobis(
+            normalize=True, standardize=True, class_conditional=False
+        )
+        if self.postprocessor.fit_split not in (None, "train"):
+            raise ValueError(
+                f"{self.postprocessor.name} fits on the {self.postprocessor.fit_split!r} split, which is the "
+                "ID data this callback scores; use a postprocessor fitted on 'train' or needing no fit"
+            )
+        self.split = split
+        self.every_n_epochs = every_n_epochs
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "held_out_dataloader"):
+            raise ValueError(
+                "HeldOutOODMetrics needs a VisionDataModule with held-out classes (data.classes)"
+            )
+        if self.postprocessor.fit_split == "train":
+            self.postprocessor.fit(pl_module, datamodule.push_dataloader())
+        id_features = extract_features(pl_module, datamodule.val_dataloader())
+        ood_features = extract_features(pl_module, datamodule.held_out_dataloader(self.split))
+        metrics = ood_metrics(
+            self.postprocessor.score(pl_module, id_features),
+            self.postprocessor.score(pl_module, ood_features),
+        )
+        pl_module.log("val/ood_auroc", metrics["auroc"])
+        pl_module.log("val/ood_fpr95", metrics["fpr95"])

@@ -1,0 +1,385 @@
+"""ProtoPNet ("This looks like that", Chen et al., NeurIPS 2019): backbone -> add-on -> prototypes -> linear.
+
+The model also carries the two operations that change its prototypes outside gradient descent: ``push``
+(project every prototype onto its nearest training patch of its own class, through the bank's batched
+reverse search, recording where each came from) and ``prune`` (drop prototypes whose nearest training
+patches mostly belong to other classes). Schedules that call them live in ``protolib.lit.callbacks``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from protolib.bank import PrototypeBank
+from protolib.nn.backbones import build_backbone
+from protolib.nn.prototype_layer import PrototypeActivations, PrototypeLayer
+from protolib.nn.receptive_field import ReceptiveField, receptive_field
+from protolib.nn.similarity import L2Similarity
+
+
+@dataclass
+class ProtoPNetOutput:
+    """Everything one forward pass computes; explanations and OOD scores read these, never recompute them."""
+
+    logits: torch.Tensor  # (B, C)
+    embeddings: torch.Tensor  # (B, D, H, W) add-on output, the space prototypes live in
+    activations: PrototypeActivations  # distances (B, P, H, W), min_distances (B, P), similarities on demand
+
+    @property
+    def similarities(self) -> torch.Tensor:
+        """(B, P) max-pooled similarity of every prototype: the last layer's input."""
+        return self.activations.similarities
+
+    @property
+    def similarity_maps(self) -> torch.Tensor:
+        """(B, P, H, W) similarity of every patch to every prototype."""
+        return self.activations.similarity_maps
+
+    @property
+    def min_distances(self) -> torch.Tensor:
+        """(B, P) distance of each prototype's nearest patch."""
+        return self.activations.min_distances
+
+
+@dataclass
+class PushReport:
+    """Outcome of one push: how far prototypes moved to their patches, and whether a class collapsed."""
+
+    distances: torch.Tensor  # (P,) prototype -> chosen patch distance before projection
+    duplicates: torch.Tensor  # (C,) prototypes per class pushed onto a patch another prototype already took
+    images_per_class: torch.Tensor  # (C,) images of each class in the push data
+    seconds: float
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Similarity maps (N, h, w) -> (N, H, W) at image resolution, bicubic as in the reference code."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
+
+
+def high_activation_boxes(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
+    """Bounding boxes (N, 4) ``x0, y0, x1, y1`` (exclusive ends) of the pixels of each upsampled map (N, H, W)
+    at or above its ``percentile``-th percentile: the paper's "high-activation region" of a prototype."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"high-activation percentile must be in [0, 100], got {percentile}")
+    threshold = torch.quantile(maps.flatten(1), percentile / 100.0, dim=1)  # (N,) linear, like numpy
+    mask = maps >= threshold[:, None, None]  # (N, H, W), never empty: the maximum passes
+    x0, x1 = _span(mask.any(dim=1))  # columns hit (N, W)
+    y0, y1 = _span(mask.any(dim=2))  # rows hit (N, H)
+    return torch.stack([x0, y0, x1, y1], dim=1).long()
+
+
+def _span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last True position of every row of ``hit`` (N, L)."""
+    positions = torch.arange(hit.shape[1], device=hit.device)
+    low = torch.where(hit, positions, hit.shape[1]).min(dim=1).values
+    high = torch.where(hit, positions, -1).max(dim=1).values + 1
+    return low, high
+
+
+def fetch_images(dataset: Dataset, indices: Iterable[int]) -> torch.Tensor:
+    """Images (N, C, H, W) of the samples whose "index" is each of ``indices`` (position = index)."""
+    images = []
+    for index in indices:
+        item = dataset[int(index)]
+        if int(item["index"]) != int(index):
+            raise ValueError(
+                f"push dataset item at position {index} has index {item['index']}: its 'index' must be its "
+                "position in the training set; use datamodule.push_dataloader()"
+            )
+        images.append(item["image"])
+    return torch.stack(images)
+
+
+def check_push_loader(loader: DataLoader, probes: int = 4) -> None:
+    """Reject a push loader that shuffles or augments: provenance must point at reproducible patches."""
+    if not isinstance(loader, DataLoader):
+        raise ValueError(f"push needs a DataLoader (push_dataloader()), got {type(loader).__name__}")
+    if not isinstance(loader.sampler, SequentialSampler):
+        raise ValueError(
+            f"push dataloader samples with {type(loader.sampler).__name__}: it must not shuffle (prototype "
+            "provenance refers to dataset positions); use datamodule.push_dataloader()"
+        )
+    dataset = loader.dataset
+    for position in range(min(probes, len(dataset))):
+        first, second = dataset[position]["image"], dataset[position]["image"]
+        if first.shape != second.shape or not torch.equal(first, second):
+            raise ValueError(
+                f"push dataloader returned different images for sample {position} on two reads: it augments. "
+                "Push must see the evaluation transform; use datamodule.push_dataloader()"
+            )
+
+
+class ProtoPNet(nn.Module):
+    """Backbone, add-on layers (1x1 conv, ReLU, 1x1 conv, sigmoid) to D channels, P = K x C prototypes of
+    shape D x 1 x 1 in a :class:`PrototypeBank` (owners = classes), max-pooled similarity, linear last layer.
+
+    Args:
+        num_classes: C.
+        in_channels, image_size: input images; the receptive field of feature locations depends on both.
+        backbone, pretrained: ``build_backbone`` name and whether to load its (timm) weights.
+        prototypes_per_class: K (paper: 10).
+        prototype_dim: D, the add-on output channels (paper: 128).
+        similarity: distance -> similarity (default: squared L2 with ``log((d + 1) / (d + 1e-4))``).
+        incorrect_class_connection: initial last-layer weight to other classes (paper: -0.5; own class +1).
+        bank: builds the prototype bank (a ``PrototypeBank`` partial from ``conf/bank`` picks the FAISS
+            index); it is called with ``metric="l2", learnable=True``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        image_size: int = 224,
+        backbone: str = "resnet34",
+        pretrained: bool = False,
+        prototypes_per_class: int = 10,
+        prototype_dim: int = 128,
+        similarity: L2Similarity | None = None,
+        incorrect_class_connection: float = -0.5,
+        bank: Callable[..., PrototypeBank] = PrototypeBank,
+    ) -> None:
+        super().__init__()
+        if prototypes_per_class < 1 or prototype_dim < 1:
+            raise ValueError(
+                f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class} and "
+                f"{prototype_dim}"
+            )
+        self.num_classes = num_classes
+        self.prototype_dim = prototype_dim
+        self.image_size = image_size
+        self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
+        self.receptive_field: ReceptiveField = receptive_field(self.backbone, image_size, in_channels)
+        self.add_on = nn.Sequential(
+            nn.Conv2d(self.backbone.out_channels, prototype_dim, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv2d(prototype_dim, prototype_dim, kernel_size=1),
+            nn.Sigmoid(),
+        )
+        for conv in self.add_on.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+        owners = torch.arange(num_classes).repeat_interleave(prototypes_per_class)  # (P,)
+        prototypes = bank(
+            num_prototypes=len(owners), dim=prototype_dim, owners=owners, metric="l2", learnable=True
+        )
+        with torch.no_grad():
+            prototypes.vectors.uniform_(0.0, 1.0)  # the reference's torch.rand: inside the sigmoid's range
+        self.prototype_layer = PrototypeLayer(prototypes, similarity or L2Similarity())
+        self.last_layer = nn.Linear(len(owners), num_classes, bias=False)
+        self.set_class_connections(incorrect_class_connection)
+        # High-activation box of each prototype on its source image (x0, y0, x1, y1); -1 before any push.
+        self.register_buffer("activation_box", torch.full((len(owners), 4), -1, dtype=torch.long))
+        # Bumped by every push and prune, so that pictures can be re-rendered when the prototypes change.
+        self.register_buffer("revision", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_pre_hook(self._resize_for_state)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def bank(self) -> PrototypeBank:
+        return self.prototype_layer.bank
+
+    @property
+    def owners(self) -> torch.Tensor:
+        """(P,) class of every prototype: prototype identity comes from here, never from the order."""
+        return self.bank.owners
+
+    @property
+    def max_distance(self) -> float:
+        """D: the largest squared distance between a sigmoid feature and a prototype in [0, 1]^D."""
+        return float(self.prototype_dim)
+
+    def class_identity(self) -> torch.Tensor:
+        """(P, C) one-hot prototype -> class."""
+        return F.one_hot(self.owners, self.num_classes).to(self.last_layer.weight.dtype)
+
+    @torch.no_grad()
+    def set_class_connections(self, incorrect: float = -0.5) -> None:
+        """Last layer: +1 from each prototype to its own class, ``incorrect`` to every other class."""
+        own = self.class_identity().T  # (C, P)
+        self.last_layer.weight.copy_(own + incorrect * (1 - own))
+
+    def _resize_for_state(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """Checkpoints written after pruning hold fewer prototypes: resize the per-prototype tensors to match
+        before loading (the bank resizes itself)."""
+        weight = state_dict.get(prefix + "last_layer.weight")
+        if weight is not None and weight.shape != self.last_layer.weight.shape:
+            self.last_layer.weight.data = torch.empty_like(weight, device=self.last_layer.weight.device)
+            self.last_layer.in_features = weight.shape[1]
+        boxes = state_dict.get(prefix + "activation_box")
+        if boxes is not None and boxes.shape != self.activation_box.shape:
+            self.activation_box = torch.empty_like(boxes, device=self.activation_box.device)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> prototype-space feature map (B, D, h, w)."""
+        return self.add_on(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> ProtoPNetOutput:
+        embeddings = self.embed(images)  # (B, D, h, w)
+        activations = self.prototype_layer(embeddings)
+        logits = self.last_layer(activations.similarities)  # (B, C)
+        return ProtoPNetOutput(logits, embeddings, activations)
+
+    def contributions(self, similarities: torch.Tensor) -> torch.Tensor:
+        """Per-prototype contribution to every class logit (B, P, C); summed over P it gives the logits."""
+        return similarities[:, :, None] * self.last_layer.weight.T[None]
+
+    def provenance(self) -> dict[str, torch.Tensor]:
+        """Where every prototype comes from: owner (P,), source_sample (P,) training-set index, location
+        (P, 2) (row, col) in the feature map, rf_box and activation_box (P, 4) x0, y0, x1, y1 in pixels,
+        score (P,) distance at push time, step (P,) global step of the push; -1 / NaN before any push."""
+        metadata = self.bank.metadata
+        return {"owner": self.owners, **metadata, "activation_box": self.activation_box}
+
+    # ------------------------------------------------------------------ push
+    def _embed_batches(self, loader: DataLoader, counts: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(embeddings, labels, indices) of every push batch; counts images per class into ``counts``."""
+        device = self.last_layer.weight.device
+        for batch in loader:
+            labels = batch["label"]
+            counts += torch.bincount(labels, minlength=self.num_classes)[: self.num_classes].cpu()
+            yield self.embed(batch["image"].to(device)), labels.to(device), batch["index"].to(device)
+
+    @torch.no_grad()
+    def source_similarity_maps(
+        self, dataset: Dataset, ids: torch.Tensor | None = None, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For prototypes ``ids`` (default all): their source images (N, C, H, W) as the dataset gives them
+        and each prototype's similarity map on its own source image (N, h, w)."""
+        ids = torch.arange(self.bank.num_prototypes) if ids is None else torch.as_tensor(ids).long()
+        sources = self.bank.source_sample[ids.to(self.bank.source_sample.device)].cpu()
+        if (sources < 0).any():
+            raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
+        device = self.last_layer.weight.device
+        images, maps = [], []
+        for start in range(0, len(ids), batch_size):
+            chunk, chunk_ids = sources[start : start + batch_size], ids[start : start + batch_size]
+            batch = fetch_images(dataset, chunk.tolist()).to(device)  # (n, C, H, W)
+            embeddings = self.embed(batch)  # (n, D, h, w)
+            prototypes = self.bank.vectors[chunk_ids.to(device)]  # (n, D)
+            distances = self.prototype_layer.similarity.distances(embeddings, prototypes)  # (n, n, h, w)
+            own = torch.arange(len(chunk_ids), device=device)
+            images.append(batch.cpu())
+            maps.append(self.prototype_layer.similarity.similarity(distances[own, own]).cpu())  # (n, h, w)
+        return torch.cat(images), torch.cat(maps)
+
+    @torch.no_grad()
+    def push(
+        self, loader: DataLoader, step: int | None = None, percentile: float = 95.0, warn: bool = True
+    ) -> PushReport:
+        """Replace every prototype by its nearest training patch among images of its own class.
+
+        One batched, class-restricted reverse search through the bank streams the ``loader`` (eval
+        transform, no shuffling: checked); provenance (source sample, location, receptive-field box,
+        high-activation box above the ``percentile``-th percentile of the upsampled similarity map) is
+        recorded. Warns when a class has fewer images than prototypes and when prototypes of a class
+        collapse onto the same patch.
+        """
+        check_push_loader(loader)
+        was_training = self.training
+        self.eval()
+        start = time.perf_counter()
+        counts = torch.zeros(self.num_classes, dtype=torch.long)
+        try:
+            batches = self._embed_batches(loader, counts)
+            result = self.bank.nearest_per_prototype(batches, restrict_to_owner=True)
+            per_class = torch.bincount(self.owners.cpu(), minlength=self.num_classes)
+            short = ((counts < per_class) & (per_class > 0)).nonzero().flatten().tolist()
+            if warn and short:
+                warnings.warn(
+                    f"push: classes {short[:20]} have fewer images ({counts[short][:20].tolist()}) than "
+                    f"prototypes ({per_class[short][:20].tolist()}): their prototypes must share images; add "
+                    "images or use fewer prototypes_per_class",
+                    stacklevel=2,
+                )
+            rf_boxes = self.receptive_field.boxes(result.locations.cpu())
+            self.bank.project(result, rf_boxes=rf_boxes, step=step)
+            _, maps = self.source_similarity_maps(loader.dataset)
+            size = self.receptive_field.image_size
+            boxes = torch.cat([high_activation_boxes(upsample_maps(chunk, size), percentile)
+                               for chunk in maps.split(64)])
+            self.activation_box.copy_(boxes.to(self.activation_box.device))
+            self.revision += 1
+        finally:
+            self.train(was_training)
+        duplicates = self.duplicate_counts()
+        if warn and duplicates.any():
+            collapsed = {c: int(n) for c, n in enumerate(duplicates.tolist()) if n}
+            warnings.warn(
+                f"push: prototype collapse, {int(duplicates.sum())} prototypes sit on a patch another "
+                f"prototype of their class already took (class: duplicates {collapsed}); consider a larger "
+                "separation weight or fewer prototypes per class",
+                stacklevel=2,
+            )
+        return PushReport(result.distances.cpu(), duplicates, counts, time.perf_counter() - start)
+
+    def duplicate_counts(self) -> torch.Tensor:
+        """(C,) per class, the number of prototypes whose source patch (image, location) repeats another's."""
+        location = self.bank.location
+        keys = torch.stack([self.owners, self.bank.source_sample, location[:, 0], location[:, 1]], dim=1)
+        unique_keys = torch.unique(keys, dim=0)  # (U, 4)
+        per_class = torch.bincount(self.owners, minlength=self.num_classes)
+        distinct = torch.bincount(unique_keys[:, 0], minlength=self.num_classes)
+        return (per_class - distinct).cpu()
+
+    # ------------------------------------------------------------------ prune
+    @torch.no_grad()
+    def nearest_image_labels(self, loader: DataLoader, k: int) -> torch.Tensor:
+        """(P, k) labels of the ``k`` training images whose nearest patch is closest to each prototype."""
+        check_push_loader(loader)
+        was_training = self.training
+        self.eval()
+        device = self.last_layer.weight.device
+        p = self.bank.num_prototypes
+        best = torch.full((p, 0), float("inf"), device=device)  # (P, <=k) distances, ascending
+        labels = torch.empty((p, 0), dtype=torch.long, device=device)
+        try:
+            for batch in loader:
+                distances = self(batch["image"].to(device)).min_distances.T  # (P, B)
+                candidates = torch.cat([best, distances], dim=1)
+                candidate_labels = torch.cat([labels, batch["label"].to(device).expand(p, -1)], dim=1)
+                best, order = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)
+                labels = candidate_labels.gather(1, order)
+        finally:
+            self.train(was_training)
+        if labels.shape[1] < k:
+            raise ValueError(f"pruning with k={k} needs at least {k} push images, got {labels.shape[1]}")
+        return labels
+
+    @torch.no_grad()
+    def prune(self, loader: DataLoader, k: int = 6, threshold: int = 3) -> torch.Tensor:
+        """Remove prototypes with fewer than ``threshold`` of their ``k`` nearest training images (by nearest
+        patch) in their own class (the paper's pruning); returns the removed prototypes' former ids."""
+        if not 1 <= threshold <= k:
+            raise ValueError(f"prune threshold must be in [1, k={k}], got {threshold}")
+        labels = self.nearest_image_labels(loader, k)  # (P, k)
+        own = (labels == self.owners[:, None]).sum(dim=1)  # (P,)
+        removed = (own < threshold).nonzero().flatten()
+        if len(removed) == self.bank.num_prototypes:
+            raise ValueError(
+                f"pruning (k={k}, threshold={threshold}) would remove every prototype; train longer or lower "
+                "the threshold"
+            )
+        if len(removed) == 0:
+            return removed
+        emptied = sorted(set(self.owners.tolist()) - set(self.owners[own >= threshold].tolist()))
+        if emptied:
+            warnings.warn(f"pruning removes every prototype of classes {emptied[:20]}", stacklevel=2)
+        kept = self.bank.remove(removed, allow_empty_owners=True)  # (P',) former ids of the survivors
+        self.last_layer.weight.data = self.last_layer.weight.data[:, kept].contiguous()
+        self.last_layer.in_features = len(kept)
+        self.activation_box = self.activation_box[kept]
+        self.revision += 1
+        return removed

@@ -1,0 +1,266 @@
+"""Build an OOD benchmark from its config: ID train/val/test datasets and near-/far-OOD sets in the ID format.
+
+A benchmark config (``conf/ood/benchmark/<name>.yaml``) has
+
+- ``id.datamodule``: the ID datamodule config; null = the data config stored in the checkpoint (what the model
+  was trained on), ``id.overrides`` merged into it (e.g. ``classes``). It gives the ID format (channels, size,
+  normalisation) and, unless ``id.datasets`` is set, the ID splits (train with the eval transform, val, test).
+- ``id.datasets``: optional ``{train, val, test}`` dataset specs (e.g. OpenOOD image lists) replacing the
+  datamodule's splits; the datamodule is then only asked for the format, never set up.
+- ``near`` / ``far``: name -> OOD set spec, one of ``{held_out: <split>}`` (the ID datamodule's held-out
+  classes), ``{datamodule: <config>, split: <split>}`` or ``{dataset: <config>}``.
+
+Every set is built before any feature is extracted; all missing files are reported together.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, Subset
+
+from protolib.ood.datasets import InDistributionFormat
+
+T = TypeVar("T")
+GROUPS = ("near", "far")
+ID_SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataSet:
+    """One dataset of a benchmark and the description its cached features are keyed by."""
+
+    name: str
+    dataset: Dataset
+    description: dict[str, Any]
+    group: str = "id"
+
+
+@dataclass
+class Benchmark:
+    """ID splits, OOD sets by group, and the ID format every set is shown in."""
+
+    name: str
+    id_splits: dict[str, DataSet]
+    ood: list[DataSet]
+    in_channels: int
+    image_size: int
+    mean: torch.Tensor  # (C, 1, 1)
+    std: torch.Tensor  # (C, 1, 1)
+    id_datamodule: Any = None
+
+    def groups(self) -> dict[str, list[DataSet]]:
+        """OOD sets per group, in config order."""
+        return {group: [s for s in self.ood if s.group == group] for group in GROUPS}
+
+
+def to_container(config: Any) -> Any:
+    """Plain Python containers of a (possibly OmegaConf) config, interpolations resolved."""
+    if isinstance(config, DictConfig) or OmegaConf.is_config(config):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+def instantiate_with_format(spec: Mapping[str, Any], **format_args: Any) -> Any:
+    """Instantiate ``spec`` passing those of ``format_args`` (in_channels, image_size) its constructor accepts
+    and the spec does not set itself."""
+    target = get_class(spec["_target_"])
+    parameters = inspect.signature(target.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    extra = {k: v for k, v in format_args.items() if (takes_any or k in parameters) and k not in spec}
+    return instantiate(spec, **extra)
+
+
+def missing_file(error: BaseException) -> FileNotFoundError | None:
+    """The FileNotFoundError behind ``error`` (Hydra wraps constructor errors), or None."""
+    while error is not None:
+        if isinstance(error, FileNotFoundError):
+            return error
+        error = error.__cause__
+    return None
+
+
+def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
+    """The first ``max_samples`` items of ``dataset`` (all when None)."""
+    if max_samples is None or len(dataset) <= max_samples:  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(max_samples))
+
+
+def id_datamodule_config(
+    id_config: Mapping[str, Any], checkpoint_data: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The ID datamodule config: ``id.datamodule`` or the checkpoint's, with ``id.overrides`` merged in."""
+    base = id_config.get("datamodule") or checkpoint_data
+    if base is None:
+        raise ValueError(
+            "the benchmark takes its ID data from the checkpoint (benchmark.id.datamodule is null), but the "
+            "checkpoint stores no data config; set benchmark.id.datamodule to the data config the model was "
+            "trained with"
+        )
+    merged = OmegaConf.merge(
+        OmegaConf.create(dict(base)), OmegaConf.create(dict(id_config.get("overrides") or {}))
+    )
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+class MissingData:
+    """Collects missing-file errors so that one FileNotFoundError can list every missing dataset at once."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def attempt(self, label: str, build: Callable[[], T]) -> T | None:
+        """``build()``, or None (and a note) when it fails for a missing file; other errors propagate."""
+        try:
+            return build()
+        except (FileNotFoundError, InstantiationException) as err:
+            cause = missing_file(err)
+            if cause is None:
+                raise
+            self.messages.append(f"{label}: {cause}")
+            return None
+
+    def raise_if_any(self, benchmark: str) -> None:
+        if self.messages:
+            raise FileNotFoundError(
+                f"benchmark {benchmark}: {len(self.messages)} dataset(s) missing; expected:\n"
+                "  - " + "\n  - ".join(self.messages)
+            )
+
+
+def build_benchmark(
+    config: Mapping[str, Any] | DictConfig,
+    checkpoint_data: Mapping[str, Any] | None = None,
+    max_samples: int | None = None,
+) -> Benchmark:
+    """Instantiate every dataset of the benchmark ``config``; FileNotFoundError lists every missing path."""
+    config = to_container(config)
+    name = config.get("name", "benchmark")
+    id_config = config.get("id") or {}
+    unknown = sorted(set(config) - {"name", "root", "id", "near", "far"}) or sorted(
+        f"id.{key}" for key in set(id_config) - {"datamodule", "overrides", "datasets"}
+    )
+    if unknown:
+        raise ValueError(
+            f"benchmark {name} has unknown keys {unknown}; allowed: name, root, near, far and "
+            "id.{datamodule, overrides, datasets}"
+        )
+    missing = MissingData()
+    dm_config = id_datamodule_config(id_config, checkpoint_data)
+    datamodule = missing.attempt("ID datamodule", lambda: instantiate(dm_config))
+    missing.raise_if_any(name)  # without it there is no ID format to show anything in
+    for attribute in ("mean", "std", "in_channels", "image_size"):
+        if not hasattr(datamodule, attribute):
+            raise ValueError(
+                f"ID datamodule {type(datamodule).__name__} has no {attribute!r}: use a VisionDataModule"
+            )
+    fmt = {"in_channels": datamodule.in_channels, "image_size": datamodule.image_size}
+    mean, std = datamodule.mean.float(), datamodule.std.float()
+
+    def set_up() -> bool:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        return True
+
+    id_datasets = id_config.get("datasets")
+    ood_specs = [
+        (group, set_name, spec)
+        for group in GROUPS
+        for set_name, spec in (config.get(group) or {}).items()
+        if spec is not None
+    ]  # null = switched off
+    needs_setup = not id_datasets or any("held_out" in spec for _, _, spec in ood_specs)
+    ready = needs_setup and missing.attempt(f"ID data ({type(datamodule).__name__})", set_up)
+
+    id_splits: dict[str, DataSet] = {}
+    if id_datasets:
+        for split, spec in id_datasets.items():
+            dataset = missing.attempt(
+                f"ID {split}",
+                lambda spec=spec: InDistributionFormat(
+                    instantiate_with_format(spec, **fmt), **fmt, mean=mean, std=std, keep_labels=True
+                ),
+            )
+            if dataset is not None:
+                id_splits[split] = DataSet(
+                    f"id_{split}",
+                    limit(dataset, max_samples),
+                    {"benchmark": name, "split": split, "spec": spec, "format": fmt},
+                )
+    elif ready:
+        sources = {
+            "train": datamodule.push_dataloader().dataset,
+            "val": datamodule.val_dataset,
+            "test": datamodule.test_dataset,
+        }
+        for split, dataset in sources.items():
+            if dataset is not None and len(dataset) > 0:
+                id_splits[split] = DataSet(
+                    f"id_{split}",
+                    limit(dataset, max_samples),
+                    {"benchmark": name, "split": split, "datamodule": dm_config},
+                )
+
+    ood: list[DataSet] = []
+    for group, set_name, spec in ood_specs:
+        if "held_out" in spec and not ready:
+            continue  # the ID data is missing, and already reported
+        dataset = missing.attempt(
+            f"{group}-OOD {set_name}", lambda spec=spec: build_ood_set(spec, datamodule, fmt, mean, std)
+        )
+        if dataset is not None:
+            description = {
+                "benchmark": name,
+                "group": group,
+                "set": set_name,
+                "spec": spec,
+                "id_datamodule": dm_config,
+                "format": fmt,
+            }
+            ood.append(DataSet(set_name, limit(dataset, max_samples), description, group))
+
+    missing.raise_if_any(name)
+    unknown_splits = sorted(set(id_splits) - set(ID_SPLITS))
+    if unknown_splits or "test" not in id_splits:
+        raise ValueError(
+            f"benchmark {name}: ID splits must include test and be among {list(ID_SPLITS)}, "
+            f"got {sorted(id_splits)}"
+        )
+    if not ood:
+        raise ValueError(f"benchmark {name} has no OOD set; add entries under near: or far:")
+    return Benchmark(name, id_splits, ood, fmt["in_channels"], fmt["image_size"], mean, std, datamodule)
+
+
+def build_ood_set(
+    spec: Mapping[str, Any], id_datamodule: Any, fmt: Mapping[str, int], mean: torch.Tensor, std: torch.Tensor
+) -> Dataset:
+    """One OOD set in the ID format from its spec (see the module docstring)."""
+    kinds = [key for key in ("held_out", "datamodule", "dataset") if key in spec]
+    if len(kinds) != 1:
+        raise ValueError(
+            f"an OOD set needs exactly one of held_out, datamodule or dataset; got {sorted(spec)}"
+        )
+    if kinds[0] == "held_out":
+        return id_datamodule.held_out_dataset(spec["held_out"])  # same datamodule: already in the ID format
+    if kinds[0] == "datamodule":
+        datamodule = instantiate_with_format(spec["datamodule"], **fmt)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        split = spec.get("split", "test")
+        dataset = getattr(datamodule, f"{split}_dataset", None)
+        if dataset is None:
+            raise ValueError(
+                f"{type(datamodule).__name__} has no {split!r} split; use one of {list(ID_SPLITS)}"
+            )
+        return InDistributionFormat(
+            dataset, **fmt, mean=mean, std=std, source_mean=datamodule.mean, source_std=datamodule.std
+        )
+    return InDistributionFormat(instantiate_with_format(spec["dataset"], **fmt), **fmt, mean=mean, std=std)

@@ -1,0 +1,84 @@
+"""PALM under DDP (two CPU processes on gloo, each with half the batch): identical prototype banks on both
+ranks, and the same Sinkhorn assignment, EMA step and gradients as one process holding the whole batch."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from protolib.losses.palm import prototype_contrastive_loss
+from protolib.models.palm import PALMNet
+
+WORLD, N = 2, 12  # N samples in the global batch, N / WORLD per rank
+
+
+def make_net() -> PALMNet:
+    torch.manual_seed(0)
+    return PALMNet(
+        3, in_channels=1, backbone="small_cnn", embedding_dim=5, prototypes_per_class=3, topk=2, momentum=0.7
+    )
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.nn.functional.normalize(torch.randn(N, 5, generator=g), dim=1), torch.arange(N) % 3
+
+
+def step(net: PALMNet, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One PALM prototype step; the contrastive loss's gradient on the embeddings, as DDP would average it."""
+    z = z.clone().requires_grad_(True)
+    weights = net.assign(z, labels)
+    prototypes = net.update_prototypes(z, weights)
+    prototype_contrastive_loss(prototypes, net.bank.owners).backward()
+    return {"weights": weights, "bank": net.bank.vectors.clone(), "grad": z.grad}
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        z, labels = global_batch()
+        mine = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        record = step(make_net(), z[mine], labels[mine])
+        record["grad"] = record["grad"] / WORLD  # DDP averages the ranks' gradients
+        torch.save(record, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    out_dir = tmp_path_factory.mktemp("palm_ddp")
+    context = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("DDP workers did not finish within 120 s (a collective is probably mismatched)")
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_ranks_hold_identical_prototypes(records: list[dict[str, torch.Tensor]]) -> None:
+    assert torch.equal(records[0]["bank"], records[1]["bank"])
+    assert not torch.equal(records[0]["bank"], make_net().bank.vectors)  # the step did move them
+
+
+def test_ddp_step_equals_one_process_with_the_whole_batch(records: list[dict[str, torch.Tensor]]) -> None:
+    z, labels = global_batch()
+    single = step(make_net(), z, labels)
+    torch.testing.assert_close(torch.cat([r["weights"] for r in records]), single["weights"])
+    torch.testing.assert_close(records[0]["bank"], single["bank"])
+    torch.testing.assert_close(torch.cat([r["grad"] for r in records]), single["grad"])
