@@ -218,7 +218,8 @@ def test_mnist_format_id_against_another_mnist_format_set(tmp_path: Path, checkp
     images = (digits.images * 255 / 16).astype(np.uint8)  # (N, 8, 8)
     for folder, keep in (("id", digits.target < 6), ("other", digits.target >= 6)):
         (tmp_path / folder).mkdir()
-        selected, labels = images[keep], digits.target[keep] % 6
+        selected = images[keep]
+        labels = digits.target[keep] if folder == "id" else np.arange(len(selected)) % 10  # every class present
         for prefix, part in (("train", slice(0, 200)), ("t10k", slice(200, 260))):
             write_idx(tmp_path / folder / f"{prefix}-images-idx3-ubyte", selected[part])
             write_idx(tmp_path / folder / f"{prefix}-labels-idx1-ubyte", labels[part])
@@ -228,7 +229,7 @@ def test_mnist_format_id_against_another_mnist_format_set(tmp_path: Path, checkp
         "benchmark=mnist",
         f"benchmark.root={tmp_path / 'other'}",
         "benchmark.id.datamodule={_target_:protolib.data.mnist.MNISTDataModule,"
-        f"root:'{tmp_path / 'id'}',image_size:16}}",
+        f"root:'{tmp_path / 'id'}',image_size:16,classes:[0,1,2,3,4,5]}}",
         "postprocessors=[energy]",
     )
     results = run(cfg)

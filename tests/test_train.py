@@ -76,3 +76,10 @@ def test_multirun_sweep_from_the_command_line(tmp_path: Path) -> None:
     for job in ("0", "1"):
         assert "test/acc" in json.loads((tmp_path / job / "metrics.json").read_text())
     assert "test metrics:" in done.stdout
+
+
+@pytest.mark.parametrize(("logger", "written"), [("tensorboard", "tensorboard/events.out.tfevents.*"), ("wandb", "wandb/offline-run-*")])
+def test_alternative_loggers_work_offline(tmp_path: Path, logger: str, written: str) -> None:
+    cfg = compose_config(tmp_path, "experiment=baseline_digits", f"logger={logger}", *FAST)
+    run(cfg)
+    assert list(tmp_path.glob(written)), sorted(p.name for p in tmp_path.rglob("*"))[:30]

@@ -30,8 +30,8 @@ class PushResult:
 def pairwise_distances(x: torch.Tensor, prototypes: torch.Tensor, metric: str) -> torch.Tensor:
     """Distances (N, P) between rows of ``x`` (N, D) and ``prototypes`` (P, D); smaller is nearer."""
     if metric == "l2":
-        sq = x.pow(2).sum(1, keepdim=True) - 2 * x @ prototypes.T + prototypes.pow(2).sum(1)
-        return sq.clamp_min_(0)
+        sq = torch.addmm(prototypes.pow(2).sum(1), x, prototypes.T, alpha=-2)  # |p|^2 - 2 x.p, one (N, P)
+        return sq.add_(x.pow(2).sum(1, keepdim=True)).clamp_min_(0)
     if metric == "cosine":
         return 1 - F.normalize(x, dim=1) @ F.normalize(prototypes, dim=1).T
     if metric == "ip":
@@ -51,9 +51,8 @@ def _flatten_batch(
     emb, labels, sample_ids = (torch.as_tensor(t) for t in batch)
     if emb.ndim not in (2, 4) or emb.shape[1] != dim:
         raise ValueError(
-            f"Push batch {number}: embeddings must be (B, {dim}, H, W) or (B, {dim}), "
-            f"got {tuple(emb.shape)}; "
-            "the embedding dimension must match the bank's."
+            f"Push batch {number}: embeddings must be (B, {dim}, H, W) or (B, {dim}) to match the bank's "
+            f"dimension, got {tuple(emb.shape)}."
         )
     b = emb.shape[0]
     if labels.shape != (b,) or sample_ids.shape != (b,):

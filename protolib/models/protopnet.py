@@ -302,7 +302,7 @@ class ProtoPNet(nn.Module):
                     f"push: classes {short[:20]} have fewer images ({counts[short][:20].tolist()}) than "
                     f"prototypes ({per_class[short][:20].tolist()}): their prototypes must share images; add "
                     "images or use fewer prototypes_per_class",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             rf_boxes = self.receptive_field.boxes(result.locations.cpu())
             self.bank.project(result, rf_boxes=rf_boxes, step=step)
@@ -321,7 +321,7 @@ class ProtoPNet(nn.Module):
                 f"push: prototype collapse, {int(duplicates.sum())} prototypes sit on a patch another "
                 f"prototype of their class already took (class: duplicates {collapsed}); consider a larger "
                 "separation weight or fewer prototypes per class",
-                stacklevel=2,
+                stacklevel=3,
             )
         return PushReport(result.distances.cpu(), duplicates, counts, time.perf_counter() - start)
 
@@ -376,7 +376,7 @@ class ProtoPNet(nn.Module):
             return removed
         emptied = sorted(set(self.owners.tolist()) - set(self.owners[own >= threshold].tolist()))
         if emptied:
-            warnings.warn(f"pruning removes every prototype of classes {emptied[:20]}", stacklevel=2)
+            warnings.warn(f"pruning removes every prototype of classes {emptied[:20]}", stacklevel=3)
         kept = self.bank.remove(removed, allow_empty_owners=True)  # (P',) former ids of the survivors
         self.last_layer.weight.data = self.last_layer.weight.data[:, kept].contiguous()
         self.last_layer.in_features = len(kept)
