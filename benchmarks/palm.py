@@ -52,7 +52,7 @@ def postprocessor(name: str) -> Any:
     return instantiate(OmegaConf.load(Path(CONFIG_DIR) / "ood" / "postprocessors" / f"{name}.yaml")[name])
 
 
-def train_and_score(method: str, seed: int, quick: bool, workdir: Path) -> dict[str, Any]:
+def train_and_score(method: str, seed: int, quick: bool, accelerator: str, workdir: Path) -> dict[str, Any]:
     """Train one model with the experiment config, then run the digits OOD benchmark on it."""
     overrides, scores = METHODS[method]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -61,7 +61,7 @@ def train_and_score(method: str, seed: int, quick: bool, workdir: Path) -> dict[
             overrides=[
                 f"output_dir={workdir / f'{method}-{seed}'}",
                 f"seed={seed}",
-                "trainer.accelerator=cpu",
+                f"trainer.accelerator={accelerator}",
                 *overrides,
                 *(QUICK if quick else []),
             ],
@@ -141,12 +141,17 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smoke size: 16 px, 2 epochs, 1 seed")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--accelerator", default="cpu", help="trainer.accelerator (cpu keeps timings comparable)"
+    )
     args = parser.parse_args()
     seeds = range(args.seeds or (1 if args.quick else 3))
     summary = {}
     with tempfile.TemporaryDirectory() as workdir:
         for method in METHODS:
-            runs = [train_and_score(method, seed, args.quick, Path(workdir)) for seed in seeds]
+            runs = [
+                train_and_score(method, seed, args.quick, args.accelerator, Path(workdir)) for seed in seeds
+            ]
             summary[method] = summarise(runs)
     print(table(summary))
     out = RESULTS / ("palm_quick.json" if args.quick else "palm.json")
@@ -156,6 +161,7 @@ def main() -> None:
             "benchmark": "digits (ID 0-5; near: held-out 6-9; far: noise, parts)",
             "fpr95": "OOD accepted at 95% ID recall (ID positive)",
             "seeds": len(seeds),
+            "accelerator": args.accelerator,
             "machine": {
                 "platform": platform.platform(),
                 "torch_threads": torch.get_num_threads(),

@@ -130,6 +130,9 @@ def test_features_are_cached_per_checkpoint_and_dataset(
     monkeypatch.setattr(features_module, "extract_features", no_extraction)
     second = run(cfg)
     np.testing.assert_array_equal(first.scores["knn"]["noise"], second.scores["knn"]["noise"])
+    smaller = config(tmp_path, checkpoint, "postprocessors=[msp,knn]", "max_samples=40", *QUICK)
+    with pytest.raises(AssertionError, match="from the cache"):  # other data, other key
+        run(smaller)
     checkpoint.touch()  # a changed checkpoint must not reuse the old features
     try:
         with pytest.raises(AssertionError, match="from the cache"):
@@ -157,6 +160,14 @@ def test_missing_openood_sets_are_all_listed_before_any_work(tmp_path: Path, che
         assert str(tmp_path / "openood" / "benchmark_imglist" / "cifar10" / expected) in message
     assert "9 dataset(s) missing" in message
     assert not (tmp_path / "cache").exists()  # nothing was extracted
+
+
+def test_id_classes_that_differ_from_the_model_fail_clearly(tmp_path: Path, checkpoint: Path) -> None:
+    cfg = config(tmp_path, checkpoint, "benchmark.id.overrides.classes=[0,1,2,3]", "postprocessors=[msp]")
+    with pytest.raises(
+        ValueError, match="the model predicts 6 classes but the ID data of benchmark digits has 4"
+    ):
+        run(cfg)
 
 
 def write_openood_layout(root: Path) -> None:
@@ -219,7 +230,9 @@ def test_mnist_format_id_against_another_mnist_format_set(tmp_path: Path, checkp
     for folder, keep in (("id", digits.target < 6), ("other", digits.target >= 6)):
         (tmp_path / folder).mkdir()
         selected = images[keep]
-        labels = digits.target[keep] if folder == "id" else np.arange(len(selected)) % 10  # every class present
+        labels = (
+            digits.target[keep] if folder == "id" else np.arange(len(selected)) % 10
+        )  # every class present
         for prefix, part in (("train", slice(0, 200)), ("t10k", slice(200, 260))):
             write_idx(tmp_path / folder / f"{prefix}-images-idx3-ubyte", selected[part])
             write_idx(tmp_path / folder / f"{prefix}-labels-idx1-ubyte", labels[part])

@@ -178,3 +178,11 @@ def test_upsample_maps_is_bicubic_at_image_size() -> None:
     maps = torch.rand(2, 4, 4)
     expected = F.interpolate(maps[:, None], size=(16, 16), mode="bicubic", align_corners=False)[:, 0]
     torch.testing.assert_close(upsample_maps(maps, (16, 16)), expected)
+
+
+def test_distances_stay_float32_under_mixed_precision() -> None:
+    features, prototypes = torch.rand(2, 16, 3, 3), torch.rand(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distances = squared_l2_distances(features.bfloat16(), prototypes)
+    assert distances.dtype == torch.float32
+    torch.testing.assert_close(distances, squared_l2_distances(features.bfloat16().float(), prototypes))

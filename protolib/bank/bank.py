@@ -227,6 +227,8 @@ class PrototypeBank(nn.Module):
         """
         q = self._check_queries(queries)
         candidates = None if owners is None else self._candidates(owners)
+        if candidates is not None and candidates.numel() == self.num_prototypes:
+            candidates = None  # every prototype qualifies: the unrestricted index search is the same
         available = self.num_prototypes if candidates is None else candidates.numel()
         if not 1 <= int(k) <= available:
             raise ValueError(f"k={k} must be between 1 and the number of candidate prototypes ({available}).")

@@ -40,15 +40,15 @@ def make_layouts(num_classes: int, parts_per_class: int, grid: int, seed: int) -
     if not 2 <= num_classes <= capacity:
         raise ValueError(f"num_classes must be in 2..{capacity} for these parts_per_class and grid")
     rng = np.random.default_rng([seed, CLASS_STREAM])
-    layouts: list[Layout] = []
+    layouts: dict[Layout, None] = {}  # ordered set
     while len(layouts) < num_classes:
         parts = rng.choice(len(PART_TYPES), size=parts_per_class, replace=False) + 1
         for _ in range(2):  # the same parts in two arrangements
             places = rng.choice(cells, size=parts_per_class, replace=False)
             layout = tuple(sorted(zip(parts.tolist(), places.tolist(), strict=True), key=lambda pc: pc[1]))
-            if layout not in layouts and len(layouts) < num_classes:
-                layouts.append(layout)
-    return layouts
+            if len(layouts) < num_classes:
+                layouts.setdefault(layout)
+    return list(layouts)
 
 
 def sample_distractors(

@@ -85,8 +85,9 @@ class TensorSource(ImageSource):
         self.interpolation = check_interpolation(interpolation)
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
-        image = self.images[i]
-        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+        image = self.images[i].to(torch.float32, copy=True)  # never hand out a view of the stored data
+        if self.images.dtype == torch.uint8:
+            image.div_(255.0)
         return {"image": resize(image, self.image_size, self.interpolation)}
 
 

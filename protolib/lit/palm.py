@@ -120,20 +120,21 @@ class PALMModule(ClassifierModule):
         """Assign, update the prototypes, and return (total loss, named terms, new prototypes (P, E)).
 
         ``embedding`` (N, E) and ``labels`` (N,) hold every view of every sample; the EMA step happens here.
+        Everything runs in float32, also under mixed precision (temperature-scaled logits, small sums).
         """
-        weights = self.net.assign(embedding, labels)  # (N, P)
-        prototypes = self.net.update_prototypes(embedding, weights)  # (P, E), new values
-        mle = palm_mle_loss(
-            embedding.float(), prototypes.detach(), weights, self.net.temperature, self.loss_form
-        )
-        terms = {"mle": mle}
-        loss = mle
-        if self.contrastive_weight > 0:
-            contrast = prototype_contrastive_loss(
-                prototypes, self.net.bank.owners, self.contrastive_temperature, self.loss_form
-            )
-            loss = loss + self.contrastive_weight * contrast
-            terms["proto_contra"] = contrast
+        with torch.autocast(embedding.device.type, enabled=False):
+            embedding = embedding.float()
+            weights = self.net.assign(embedding, labels)  # (N, P)
+            prototypes = self.net.update_prototypes(embedding, weights)  # (P, E), new values
+            mle = palm_mle_loss(embedding, prototypes.detach(), weights, self.net.temperature, self.loss_form)
+            terms = {"mle": mle}
+            loss = mle
+            if self.contrastive_weight > 0:
+                contrast = prototype_contrastive_loss(
+                    prototypes, self.net.bank.owners, self.contrastive_temperature, self.loss_form
+                )
+                loss = loss + self.contrastive_weight * contrast
+                terms["proto_contra"] = contrast
         return loss, {name: value.detach() for name, value in terms.items()}, prototypes
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -104,7 +104,8 @@ class PALMNet(nn.Module):
 
         Under DDP the Sinkhorn marginals are taken over the global batch, as on one device.
         """
-        similarity = embedding.detach().float() @ self.bank.vectors.transpose(0, 1)  # (N, P)
+        with torch.autocast(embedding.device.type, enabled=False):  # prototype math in float32 under AMP
+            similarity = embedding.detach().float() @ self.bank.vectors.transpose(0, 1)  # (N, P)
         return prototype_assignment(
             similarity,
             labels,
@@ -124,7 +125,8 @@ class PALMNet(nn.Module):
         the reference code, a gradient path into ``embedding`` through the batch's ``(1 - m)`` share, which
         is what lets the prototype contrastive loss train the network.
         """
-        sums = weights.transpose(0, 1).float() @ embedding.float()  # (P, E), differentiable
+        with torch.autocast(embedding.device.type, enabled=False):  # float32 under AMP
+            sums = weights.transpose(0, 1).float() @ embedding.float()  # (P, E), differentiable
         mass = weights.sum(dim=0).float()  # (P,)
         world = world_size()
         if world > 1:

@@ -42,6 +42,10 @@ class DataSet:
     description: dict[str, Any]
     group: str = "id"
 
+    def __post_init__(self) -> None:
+        # a size cap (max_samples) changes the data: it must change the cache key too
+        self.description = {**self.description, "length": len(self.dataset)}  # type: ignore[arg-type]
+
 
 @dataclass
 class Benchmark:
@@ -54,7 +58,7 @@ class Benchmark:
     image_size: int
     mean: torch.Tensor  # (C, 1, 1)
     std: torch.Tensor  # (C, 1, 1)
-    id_datamodule: Any = None
+    num_classes: int | None = None  # of the ID datamodule, when it was set up
 
     def groups(self) -> dict[str, list[DataSet]]:
         """OOD sets per group, in config order."""
@@ -128,11 +132,14 @@ class MissingData:
             self.messages.append(f"{label}: {cause}")
             return None
 
-    def raise_if_any(self, benchmark: str) -> None:
+    def raise_if_any(self, benchmark: str, root: str | None = None) -> None:
         if self.messages:
+            hint = (
+                f"\nbenchmark.root is {root}: point it at the data (benchmark.root=<folder>)" if root else ""
+            )
             raise FileNotFoundError(
                 f"benchmark {benchmark}: {len(self.messages)} dataset(s) missing; expected:\n"
-                "  - " + "\n  - ".join(self.messages)
+                "  - " + "\n  - ".join(self.messages) + hint
             )
 
 
@@ -227,7 +234,7 @@ def build_benchmark(
             }
             ood.append(DataSet(set_name, limit(dataset, max_samples), description, group))
 
-    missing.raise_if_any(name)
+    missing.raise_if_any(name, config.get("root"))
     unknown_splits = sorted(set(id_splits) - set(ID_SPLITS))
     if unknown_splits or "test" not in id_splits:
         raise ValueError(
@@ -236,7 +243,8 @@ def build_benchmark(
         )
     if not ood:
         raise ValueError(f"benchmark {name} has no OOD set; add entries under near: or far:")
-    return Benchmark(name, id_splits, ood, fmt["in_channels"], fmt["image_size"], mean, std, datamodule)
+    num_classes = datamodule.num_classes if ready else None
+    return Benchmark(name, id_splits, ood, fmt["in_channels"], fmt["image_size"], mean, std, num_classes)
 
 
 def build_ood_set(

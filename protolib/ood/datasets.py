@@ -85,12 +85,9 @@ class ImglistDataset(Dataset):
         in_channels: int = 3,
     ) -> None:
         self.root = Path(root).expanduser()
-        missing = [str(p) for p in self.expected_paths(root, imglist, data_dir) if not p.exists()]
+        missing = [str(p.absolute()) for p in self.expected_paths(root, imglist, data_dir) if not p.exists()]
         if missing:
-            raise FileNotFoundError(
-                "missing " + " and ".join(missing) + f" (OpenOOD v1.5 layout under {self.root}: "
-                "benchmark_imglist/ and images_classic/ from OpenOOD's download script)"
-            )
+            raise FileNotFoundError(f"missing {' and '.join(missing)} (OpenOOD v1.5 data layout)")
         self.data_dir = self.root / data_dir
         self.image_size, self.pre_size = image_size, pre_size or image_size
         self.in_channels = in_channels

@@ -65,12 +65,8 @@ class OODEvaluator:
             raise ValueError("no postprocessors to run; pass e.g. postprocessors=[msp,energy,knn]")
         self.model, self.benchmark = model.eval(), benchmark
         self.postprocessors = dict(postprocessors)
-        self.cache, self.batch_size, self.num_workers, self.chunk_size = (
-            cache,
-            batch_size,
-            num_workers,
-            chunk_size,
-        )
+        self.cache = cache
+        self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
         self._features: dict[str, Features] = {}
 
     def loader(self, data: DataSet) -> DataLoader:
@@ -98,7 +94,15 @@ class OODEvaluator:
     def check(self) -> None:
         """Probe one ID batch; fail now if a postprocessor cannot score this model or lacks its fit split."""
         batch = next(iter(self.loader(self.benchmark.id_splits["test"])))
-        keys = extract_batch(self.model, batch["image"]).keys()
+        outputs = extract_batch(self.model, batch["image"])
+        expected = self.benchmark.num_classes
+        if expected is not None and outputs["logits"].shape[1] != expected:
+            raise ValueError(
+                f"the model predicts {outputs['logits'].shape[1]} classes but the ID data of benchmark "
+                f"{self.benchmark.name} has {expected}: evaluate a model trained on that data, or make "
+                "benchmark.id (datamodule, overrides.classes) match what the model was trained on"
+            )
+        keys = outputs.keys()
         for name, postprocessor in self.postprocessors.items():
             try:
                 postprocessor.check(self.model, keys)
@@ -108,8 +112,7 @@ class OODEvaluator:
             if split is not None and split not in self.benchmark.id_splits:
                 raise ValueError(
                     f"postprocessor {name} fits on the ID {split} split, which benchmark "
-                    f"{self.benchmark.name} "
-                    "does not have; add it to the benchmark's id config"
+                    f"{self.benchmark.name} does not have; add it to the benchmark's id config"
                 )
 
     def scores(self, postprocessor: Postprocessor, data: DataSet) -> np.ndarray:
@@ -135,14 +138,13 @@ class OODEvaluator:
         self.check()
         benchmark = self.benchmark
         for postprocessor in self.postprocessors.values():
-            if (
-                getattr(postprocessor, "input_std", ()) is None
-            ):  # ODIN: its step is in pixel units of this data
+            if getattr(postprocessor, "input_std", ()) is None:  # ODIN: a step in pixel units of this data
                 postprocessor.input_std = benchmark.std.flatten().tolist()
         id_test = benchmark.id_splits["test"]
         accuracy = self.id_accuracy()
-        for data in benchmark.ood:
-            self.features(data)  # extract everything up front: one progress bar per dataset
+        if not all(p.needs_images for p in self.postprocessors.values()):
+            for data in benchmark.ood:
+                self.features(data)  # extract everything up front: one progress bar per dataset
         rows: list[dict[str, Any]] = []
         all_scores: dict[str, dict[str, np.ndarray]] = {}
         groups = {group: [s.name for s in sets] for group, sets in benchmark.groups().items() if sets}

@@ -99,8 +99,8 @@ def iter_chunks(features: Mapping[str, torch.Tensor], chunk_size: int) -> Iterat
 class FeatureSource:
     """Re-iterable chunks of extracted features, from tensors already in memory or from a dataloader.
 
-    Multi-pass fits (ViM) iterate it twice; from a dataloader each pass extracts again, so nothing larger than
-    one batch is ever held.
+    Multi-pass fits (ViM) iterate it twice; from a dataloader each pass extracts again, one batch at a time
+    (streaming fits such as Mahalanobis then never hold more than a batch of features).
     """
 
     def __init__(

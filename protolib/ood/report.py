@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from protolib.ood.evaluator import ID_SCORES, OODResults
@@ -115,45 +116,52 @@ def plot_histograms(results: OODResults, dataset: str, path: Path) -> Path:
     names = list(results.scores)
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows + 0.6))
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
         id_scores, ood_scores = results.scores[name][ID_SCORES], results.scores[name][dataset]
-        low, high = (
-            float(min(id_scores.min(), ood_scores.min())),
-            float(max(id_scores.max(), ood_scores.max())),
-        )
+        low = float(min(id_scores.min(), ood_scores.min()))
+        high = float(max(id_scores.max(), ood_scores.max()))
         bins = np.linspace(low, high if high > low else low + 1.0, 41)
-        ax.hist(id_scores, bins=bins, density=True, alpha=0.55, label="ID test")
-        ax.hist(ood_scores, bins=bins, density=True, alpha=0.55, label=dataset)
+        for values, label in ((id_scores, "ID test"), (ood_scores, dataset)):
+            ax.stairs(np.histogram(values, bins, density=True)[0], bins, fill=True, alpha=0.55, label=label)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("score (higher = more ID)", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7)
     fig.suptitle(f"{results.benchmark}: ID vs {dataset}")
-    fig.tight_layout()
-    return atomic_savefig(path, fig, dpi=100)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, hspace=0.55, wspace=0.25)
+    return atomic_savefig(path, fig, dpi=90)
 
 
 def plot_roc(results: OODResults, dataset: str, path: Path) -> Path:
     """ROC curves of every postprocessor for ID test vs ``dataset`` (ID positive), AUROC in the legend."""
     fig = Figure(figsize=(5.0, 4.6))
     ax = fig.add_subplot(1, 1, 1)
-    for name, scores in results.scores.items():
+    colours = colormaps["tab10"].colors
+    for i, (name, scores) in enumerate(results.scores.items()):
         fpr, tpr = roc_curve(scores[ID_SCORES], scores[dataset])
         auroc = next(
             r["auroc"] for r in results.rows if r["postprocessor"] == name and r["dataset"] == dataset
         )
-        ax.plot(fpr, tpr, label=f"{name} ({100 * auroc:.1f})", linewidth=1.2)
+        style = ("-", "--", ":")[i // len(colours) % 3]  # distinct lines beyond ten postprocessors
+        ax.plot(
+            fpr,
+            tpr,
+            style,
+            color=colours[i % len(colours)],
+            label=f"{name} ({100 * auroc:.1f})",
+            linewidth=1.2,
+        )
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
     ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
     ax.set_xlabel(f"fraction of {dataset} accepted (FPR)")
     ax.set_ylabel("fraction of ID accepted (TPR)")
     ax.set_title(f"{results.benchmark}: ID vs {dataset} (AUROC %)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return atomic_savefig(path, fig, dpi=100)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.92)
+    return atomic_savefig(path, fig, dpi=90)
 
 
 def save_scores(results: OODResults, path: Path) -> Path:

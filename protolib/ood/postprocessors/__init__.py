@@ -6,7 +6,7 @@ configs live in ``conf/ood/postprocessors/``.
 
 from protolib.ood.postprocessors.activation import ASH, ReAct, ash
 from protolib.ood.postprocessors.base import Postprocessor
-from protolib.ood.postprocessors.gaussian import RMDS, GaussianStats, Mahalanobis
+from protolib.ood.postprocessors.gaussian import RMDS, GaussianStats, Mahalanobis, SharedGaussians
 from protolib.ood.postprocessors.knn import KNN
 from protolib.ood.postprocessors.logit import GEN, MSP, Energy, MaxLogit, energy
 from protolib.ood.postprocessors.odin import ODIN
@@ -28,6 +28,7 @@ __all__ = [
     "Postprocessor",
     "PrototypeScore",
     "ReAct",
+    "SharedGaussians",
     "ViM",
     "ash",
     "energy",

@@ -105,14 +105,24 @@ def precision_matrix(covariance: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(covariance, hermitian=True)
 
 
-def squared_mahalanobis(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """(x - mu_c)^T P (x - mu_c) for x (B, D), means (C, D), precision (D, D) -> (B, C), in float64."""
-    x = x.double()
-    xp = x @ precision  # (B, D)
-    mp = means @ precision  # (C, D)
-    return ((xp * x).sum(dim=1, keepdim=True) - 2.0 * xp @ means.T + (mp * means).sum(dim=1)[None]).clamp_min(
-        0.0
-    )
+class SharedGaussians:
+    """Gaussians sharing one precision matrix: squared Mahalanobis distances of a batch to every mean.
+
+    The per-mean constant mu^T P mu is computed once here, so scoring a batch costs one (B, D) x (D, D)
+    product and one (B, D) x (D, C) product.
+    """
+
+    def __init__(self, means: torch.Tensor, covariance: torch.Tensor) -> None:
+        self.means = means.double()  # (C, D)
+        self.precision = precision_matrix(covariance.double())  # (D, D)
+        self.offsets = ((self.means @ self.precision) * self.means).sum(dim=1)  # (C,)
+
+    def squared_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mu_c)^T P (x - mu_c) for x (B, D) -> (B, C), in float64."""
+        x = x.double()
+        xp = x @ self.precision  # (B, D)
+        quadratic = (xp * x).sum(dim=1, keepdim=True)  # (B, 1)
+        return (quadratic - 2.0 * xp @ self.means.T + self.offsets[None]).clamp_min(0.0)
 
 
 class Mahalanobis(Postprocessor):
@@ -142,8 +152,7 @@ class Mahalanobis(Postprocessor):
         self.feature_key = feature_key
         self.requires = (feature_key,)
         self.normalize, self.standardize, self.class_conditional = normalize, standardize, class_conditional
-        self.means: torch.Tensor | None = None  # (C', D) in the (standardised) scoring space
-        self.precision: torch.Tensor | None = None  # (D, D)
+        self.gaussians: SharedGaussians | None = None  # in the (standardised) scoring space
         self._center: torch.Tensor | None = None  # (D,) standardisation mean
         self._scale: torch.Tensor | None = None  # (D,) standardisation std
 
@@ -175,11 +184,11 @@ class Mahalanobis(Postprocessor):
             self._scale = stats.covariance().diagonal().clamp_min(0.0).sqrt() + STD_EPS
             means = (means - self._center) / self._scale
             covariance = covariance / torch.outer(self._scale, self._scale)
-        self.means, self.precision = means, precision_matrix(covariance)
+        self.gaussians = SharedGaussians(means, covariance)
 
     def _score(self, model: nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        means, precision = self._require_fitted("means"), self._require_fitted("precision")
-        distances = squared_mahalanobis(self._prepare(outputs[self.feature_key]), means, precision)  # (B, C')
+        gaussians = self._require_fitted("gaussians")
+        distances = gaussians.squared_distances(self._prepare(outputs[self.feature_key]))  # (B, C')
         return -distances.amin(dim=1).float()
 
 
@@ -196,21 +205,18 @@ class RMDS(Postprocessor):
     def __init__(self, feature_key: str = "features") -> None:
         self.feature_key = feature_key
         self.requires = (feature_key,)
-        self.means: torch.Tensor | None = None  # (C', D)
-        self.precision: torch.Tensor | None = None  # (D, D)
-        self.background_mean: torch.Tensor | None = None  # (1, D)
-        self.background_precision: torch.Tensor | None = None  # (D, D)
+        self.classes: SharedGaussians | None = None  # C' class means, within-class covariance
+        self.background: SharedGaussians | None = None  # overall mean and covariance
 
     def _fit(self, model: nn.Module, source: FeatureSource) -> None:
         stats = GaussianStats()
         for chunk in source:
             stats.update(chunk[self.feature_key], labels_of(chunk, self.name))
-        self.means, self.precision = stats.class_means(), precision_matrix(stats.within_class_covariance())
-        self.background_mean = stats.mean()[None]
-        self.background_precision = precision_matrix(stats.covariance())
+        self.classes = SharedGaussians(stats.class_means(), stats.within_class_covariance())
+        self.background = SharedGaussians(stats.mean()[None], stats.covariance())
 
     def _score(self, model: nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = outputs[self.feature_key]
-        class_md = squared_mahalanobis(x, self._require_fitted("means"), self.precision)  # (B, C')
-        background_md = squared_mahalanobis(x, self.background_mean, self.background_precision)  # (B, 1)
+        class_md = self._require_fitted("classes").squared_distances(x)  # (B, C')
+        background_md = self.background.squared_distances(x)  # (B, 1)
         return (background_md - class_md).amax(dim=1).float()

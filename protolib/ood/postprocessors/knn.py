@@ -42,14 +42,14 @@ class KNN(Postprocessor):
         self._k_used: int | None = None
 
     def _fit(self, model: nn.Module, source: FeatureSource) -> None:
-        self._index = None
-        for chunk in source:
-            x = F.normalize(chunk[self.feature_key].float(), dim=1, eps=1e-10)  # (B, D)
-            if self._index is None:
-                self._index = build_index(x.shape[1], metric="l2", kind=self.index, **self.index_options)
-            self._index.add(x)
-        if self._index is None or self._index.ntotal == 0:
+        # one add with every training vector: an IVF index trains its lists on the first add
+        chunks = [F.normalize(chunk[self.feature_key].float(), dim=1, eps=1e-10) for chunk in source]
+        if not chunks or sum(len(c) for c in chunks) == 0:
             raise ValueError("knn fit data is empty: it needs in-distribution training features")
+        train = torch.cat(chunks)  # (N, D) unit vectors
+        del chunks
+        self._index = build_index(train.shape[1], metric="l2", kind=self.index, **self.index_options)
+        self._index.add(train)
         self._k_used = min(self.k, self._index.ntotal)
         if self._k_used < self.k:
             warnings.warn(

@@ -1,0 +1,77 @@
+"""The ProtoPNet experiment configs compose, build what they promise and train end to end via train.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from protolib.cli.train import CONFIG_DIR, run
+from protolib.lit.checkpoint import build_module, load_module
+from protolib.lit.protopnet import ProtoPNetModule
+
+SHORT = [
+    "model.schedule.train_epochs=2", "model.schedule.warm_epochs=1", "model.schedule.push_start=1",
+    "model.schedule.last_layer_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+    "trainer.accelerator=cpu",
+]
+
+
+def compose_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
+
+
+def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "experiment=protopnet_digits")
+    assert cfg.monitor == "val/pushed_acc" and cfg.callbacks.checkpoint.monitor == "val/pushed_acc"
+    assert cfg.callbacks.prototype_pictures is not None and cfg.callbacks.early_stopping is not None
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": cfg.data.image_size})
+    assert isinstance(module, ProtoPNetModule)
+    assert module.model.bank.num_prototypes == 100 and module.model.prototype_dim == 128
+    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 17
+    assert module.loss.weights == {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
+
+
+def test_cub_experiment_has_the_paper_recipe_and_augmentation(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "experiment=protopnet_cub", "model.pretrained=false")
+    assert cfg.data.crop and cfg.data.image_size == 224 and cfg.model.backbone == "resnet34"
+    assert cfg.model.schedule.train_epochs == 51 and cfg.model.schedule.last_layer_epochs == 20
+    augment = v2.Compose(list(instantiate(cfg.data.train_transforms)))
+    image = tv_tensors.Image(torch.rand(3, 224, 224))
+    out = augment({"image": image})["image"]
+    assert out.shape == image.shape and not torch.equal(out, image)
+    module = build_module(cfg.model, {"num_classes": 200, "in_channels": 3, "image_size": 224})
+    assert module.model.bank.num_prototypes == 2000
+    rf = module.model.receptive_field
+    assert rf.stride == (32.0, 32.0) and rf.feature_size == (7, 7)
+    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 151
+
+
+def test_parts_experiment_composes(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "experiment=protopnet_parts")
+    assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.backbone == "small_cnn"
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
+    assert len(module.schedule.plan()) == cfg.trainer.max_epochs
+
+
+def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "experiment=protopnet_digits", *SHORT)
+    metrics = run(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert checkpoint.name == "best-epoch02.ckpt"  # the only pushed epoch: 0 warm, 1 joint, 2 push + last
+    module = load_module(checkpoint)
+    assert int(module.model.revision) == 1 and (module.model.provenance()["source_sample"] >= 0).all()
+    pictures = tmp_path / "prototypes" / "epoch-002"
+    assert len(list(pictures.glob("prototype-*.png"))) == 100
+    assert (pictures / "gallery-01.png").stat().st_size > 0
+    assert len(json.loads((pictures / "prototypes.json").read_text())) == 100
