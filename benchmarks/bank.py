@@ -15,7 +15,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,16 +127,26 @@ def _push_batches(num_images: int, batch: int, dim: int, classes: int) -> Iterat
         yield pool[number % len(pool)][:b], ids % classes, ids
 
 
+def _memory_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"/proc/self/status has no {field} line; the push memory benchmark needs Linux.")
+
+
 def _push_child(
     num_images: int, prototypes: int, classes: int, dim: int, batch: int, threads: int, queue
 ) -> None:
-    """Run one push in a fresh process, so that the peak RSS it reports is this push's alone."""
+    """Run one push in a fresh process and report its time and the peak RSS it adds to the process."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     bank = PrototypeBank(prototypes, dim, owners=torch.arange(prototypes) % classes, learnable=False)
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kib = _memory_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    bank.nearest_per_prototype(_push_batches(batch, batch, dim, classes), restrict_to_owner=False)  # warm-up
     result, seconds = timed(bank.nearest_per_prototype, _push_batches(num_images, batch, dim, classes))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _memory_kib("VmHWM")
     assert torch.isfinite(result.distances).all()
     queue.put(
         {
@@ -145,7 +154,7 @@ def _push_child(
             "patches": num_images * 49,
             "seconds": seconds,
             "images_per_s": num_images / seconds,
-            "push_peak_rss_mib": (peak_kib - base_kib) / 1024,  # above the process before the push
+            "push_peak_rss_mib": (peak_kib - base_kib) / 1024,  # above the process before any push
             "peak_rss_mib": peak_kib / 1024,
         }
     )

@@ -9,8 +9,9 @@ procedural parts images. Both models are scored with MSP, Energy and KNN (k = 50
 features); PALM also with its own scores: ``palm_ssd`` (the reference's Mahalanobis on normalised,
 standardised features), ``palm_mds`` (OpenOOD's class-conditional Mahalanobis) and ``palm`` (the mixture
 likelihood of the embedding). FPR95 is the classic convention (OOD accepted at 95% ID recall). Training time
-is ``trainer.fit`` wall time (no OOD callback, no checkpointing). Prints a table and writes JSON atomically
-to benchmarks/results/palm.json (palm_quick.json with --quick): mean and std over seeds.
+is ``trainer.fit`` wall time (no OOD callback, no checkpointing; 1 CPU thread unless ``--threads``). Prints
+a table and writes JSON atomically to benchmarks/results/palm.json (palm_quick.json with --quick): mean and
+std over seeds.
 """
 
 from __future__ import annotations
@@ -144,7 +145,11 @@ def main() -> None:
     parser.add_argument(
         "--accelerator", default="cpu", help="trainer.accelerator (cpu keeps timings comparable)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     seeds = range(args.seeds or (1 if args.quick else 3))
     summary = {}
     with tempfile.TemporaryDirectory() as workdir:
@@ -162,6 +167,7 @@ def main() -> None:
             "fpr95": "OOD accepted at 95% ID recall (ID positive)",
             "seeds": len(seeds),
             "accelerator": args.accelerator,
+            "threads": args.threads,
             "machine": {
                 "platform": platform.platform(),
                 "torch_threads": torch.get_num_threads(),

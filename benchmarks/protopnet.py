@@ -53,7 +53,7 @@ QUICK = {
 
 def run_experiment(name: str, overrides: list[str]) -> dict[str, Any]:
     """Train and test ``experiment=name`` through train.py's ``run``; test accuracy and wall time."""
-    fixed = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+    fixed = ["trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"]
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={name}", f"output_dir={out}", *fixed, *overrides])
         start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from protolib.models.protopnet import ProtoPNet, upsample_maps
+from protolib.models.protopnet import ProtoPNet, fetch_images, upsample_maps
 from protolib.utils.io import atomic_write, atomic_write_json
 
 RF_COLOUR = (255, 215, 0)  # receptive field: yellow
@@ -130,24 +130,25 @@ def render_prototypes(
     """
     out_dir = Path(out_dir)
     provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
-    images, maps = model.source_similarity_maps(dataset)  # (P, C, H, W), (P, h, w)
-    pictures = to_rgb_uint8(denormalize(images))  # (P, H, W, 3)
-    side = pictures.shape[1]
+    if (provenance["source_sample"] < 0).any():
+        raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
+    device = model.last_layer.weight.device
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
     written, patches, records = [], [], []
-    for start in range(0, len(pictures), 64):
-        activations = upsample_maps(maps[start : start + 64], (side, pictures.shape[2])).numpy()
-        for offset, activation in enumerate(activations):
-            p = start + offset
+    for ids in torch.arange(len(provenance["owner"])).split(64):
+        images = fetch_images(dataset, provenance["source_sample"][ids].tolist()).to(device)  # (n, C, H, W)
+        maps = upsample_maps(model.paired_similarity_maps(images, ids), tuple(images.shape[-2:]))
+        pictures = to_rgb_uint8(denormalize(images))  # (n, H, W, 3)
+        for p, picture, activation in zip(ids.tolist(), pictures, maps.cpu().numpy(), strict=True):
             owner = int(provenance["owner"][p])
             rf_box = provenance["rf_box"][p].tolist()
             activation_box = provenance["activation_box"][p].tolist()
             sample = int(provenance["source_sample"][p])
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
-            picture = prototype_picture(pictures[p], activation, rf_box, activation_box, title)
-            written.append(_save_png(out_dir / f"prototype-{p:04d}.png", picture))
+            written.append(_save_png(out_dir / f"prototype-{p:04d}.png",
+                                     prototype_picture(picture, activation, rf_box, activation_box, title)))
             x0, y0, x1, y1 = activation_box
-            patches.append(pictures[p][y0:y1, x0:x1])
+            patches.append(picture[y0:y1, x0:x1])
             records.append({
                 "prototype": p, "class": owner, "class_name": names[owner], "source_index": sample,
                 "location": provenance["location"][p].tolist(), "rf_box": rf_box,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from protolib.data.digits import DigitsDataModule
 from protolib.lit.callbacks.protopnet import EpochPlan, ProtoPNetSchedule, PushEarlyStopping
 from protolib.lit.protopnet import ProtoPNetModule
-from protolib.models.protopnet import ProtoPNet
+from protolib.models.protopnet import ProtoPNet, fetch_images
 
 PER_CLASS = 2
 TINY = {"train_epochs": 3, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_epochs": 1}
@@ -101,7 +101,9 @@ def test_push_projects_each_prototype_onto_its_nearest_own_class_patch(datamodul
     assert ((boxes[:, :2] >= 0) & (boxes[:, 2:] <= 16) & (boxes[:, 2:] > boxes[:, :2])).all()
     assert report.images_per_class.tolist() == torch.bincount(labels, minlength=3).tolist()
     # after the push, each prototype's similarity map on its source image peaks at the recorded patch
-    _, maps = model.source_similarity_maps(loader.dataset)  # (P, h, w)
+    sources = fetch_images(loader.dataset, provenance["source_sample"].tolist())
+    with torch.no_grad():
+        maps = model.paired_similarity_maps(sources, torch.arange(len(sources)))  # (P, h, w)
     rows, cols = provenance["location"].unbind(dim=1)
     torch.testing.assert_close(maps[torch.arange(len(maps)), rows, cols], maps.amax(dim=(1, 2)))
 

@@ -252,28 +252,14 @@ class ProtoPNet(nn.Module):
             counts += torch.bincount(labels, minlength=self.num_classes)[: self.num_classes].cpu()
             yield self.embed(batch["image"].to(device)), labels.to(device), batch["index"].to(device)
 
-    @torch.no_grad()
-    def source_similarity_maps(
-        self, dataset: Dataset, ids: torch.Tensor | None = None, batch_size: int = 64
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For prototypes ``ids`` (default all): their source images (N, C, H, W) as the dataset gives them
-        and each prototype's similarity map on its own source image (N, h, w)."""
-        ids = torch.arange(self.bank.num_prototypes) if ids is None else torch.as_tensor(ids).long()
-        sources = self.bank.source_sample[ids.to(self.bank.source_sample.device)].cpu()
-        if (sources < 0).any():
-            raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
-        device = self.last_layer.weight.device
-        images, maps = [], []
-        for start in range(0, len(ids), batch_size):
-            chunk, chunk_ids = sources[start : start + batch_size], ids[start : start + batch_size]
-            batch = fetch_images(dataset, chunk.tolist()).to(device)  # (n, C, H, W)
-            embeddings = self.embed(batch)  # (n, D, h, w)
-            prototypes = self.bank.vectors[chunk_ids.to(device)]  # (n, D)
-            distances = self.prototype_layer.similarity.distances(embeddings, prototypes)  # (n, n, h, w)
-            own = torch.arange(len(chunk_ids), device=device)
-            images.append(batch.cpu())
-            maps.append(self.prototype_layer.similarity.similarity(distances[own, own]).cpu())  # (n, h, w)
-        return torch.cat(images), torch.cat(maps)
+    def paired_similarity_maps(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Similarity map (N, h, w) of prototype ``ids[i]`` on ``images[i]`` (N, C, H, W); keep N small
+        (distances of all N x N pairs are computed, through the model's own similarity function)."""
+        embeddings = self.embed(images)  # (N, D, h, w)
+        prototypes = self.bank.vectors[ids.to(self.bank.vectors.device)]  # (N, D)
+        distances = self.prototype_layer.similarity.distances(embeddings, prototypes)  # (N, N, h, w)
+        own = torch.arange(len(ids), device=distances.device)
+        return self.prototype_layer.similarity.similarity(distances[own, own])  # (N, h, w)
 
     @torch.no_grad()
     def push(
@@ -306,11 +292,7 @@ class ProtoPNet(nn.Module):
                 )
             rf_boxes = self.receptive_field.boxes(result.locations.cpu())
             self.bank.project(result, rf_boxes=rf_boxes, step=step)
-            _, maps = self.source_similarity_maps(loader.dataset)
-            size = self.receptive_field.image_size
-            boxes = torch.cat([high_activation_boxes(upsample_maps(chunk, size), percentile)
-                               for chunk in maps.split(64)])
-            self.activation_box.copy_(boxes.to(self.activation_box.device))
+            self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
             self.revision += 1
         finally:
             self.train(was_training)
@@ -324,6 +306,17 @@ class ProtoPNet(nn.Module):
                 stacklevel=3,
             )
         return PushReport(result.distances.cpu(), duplicates, counts, time.perf_counter() - start)
+
+    def _activation_boxes(self, dataset: Dataset, percentile: float, chunk: int = 64) -> torch.Tensor:
+        """(P, 4) high-activation box of every prototype on its (just recorded) source image."""
+        device = self.last_layer.weight.device
+        sources = self.bank.source_sample.cpu()
+        boxes = []
+        for ids in torch.arange(len(sources)).split(chunk):
+            images = fetch_images(dataset, sources[ids].tolist()).to(device)
+            maps = upsample_maps(self.paired_similarity_maps(images, ids), tuple(images.shape[-2:]))
+            boxes.append(high_activation_boxes(maps, percentile).to(self.activation_box.device))
+        return torch.cat(boxes)
 
     def duplicate_counts(self) -> torch.Tensor:
         """(C,) per class, the number of prototypes whose source patch (image, location) repeats another's."""
