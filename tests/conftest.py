@@ -5,10 +5,10 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

@@ -52,7 +52,9 @@ def test_baseline_extract_contract_logits_from_last_layer() -> None:
 def test_non_finite_loss_names_the_term() -> None:
     check_finite_loss(torch.tensor(1.0), {"ce": torch.tensor(1.0)}, step=0)
     with pytest.raises(FloatingPointError, match="cluster"):
-        check_finite_loss(torch.tensor(float("nan")), {"ce": torch.tensor(1.0), "cluster": torch.tensor(float("nan"))}, 3)
+        check_finite_loss(
+            torch.tensor(float("nan")), {"ce": torch.tensor(1.0), "cluster": torch.tensor(float("nan"))}, 3
+        )
 
 
 def test_too_few_classes_rejected() -> None:

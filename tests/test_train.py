@@ -17,7 +17,12 @@ from protolib.cli.train import CONFIG_DIR, run
 from protolib.lit.checkpoint import load_module
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.accelerator=cpu"]
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.accelerator=cpu",
+]
 
 
 def compose_config(tmp_path: Path, *overrides: str) -> DictConfig:
@@ -68,8 +73,13 @@ def test_image_size_too_small_for_backbone_fails_before_training(tmp_path: Path)
 @pytest.mark.slow
 def test_multirun_sweep_from_the_command_line(tmp_path: Path) -> None:
     command = [
-        sys.executable, "train.py", "--multirun", "seed=1,2", *FAST,
-        f"hydra.sweep.dir={tmp_path}", "output_dir=${hydra:runtime.output_dir}",
+        sys.executable,
+        "train.py",
+        "--multirun",
+        "seed=1,2",
+        *FAST,
+        f"hydra.sweep.dir={tmp_path}",
+        "output_dir=${hydra:runtime.output_dir}",
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,7 +88,10 @@ def test_multirun_sweep_from_the_command_line(tmp_path: Path) -> None:
     assert "test metrics:" in done.stdout
 
 
-@pytest.mark.parametrize(("logger", "written"), [("tensorboard", "tensorboard/events.out.tfevents.*"), ("wandb", "wandb/offline-run-*")])
+@pytest.mark.parametrize(
+    ("logger", "written"),
+    [("tensorboard", "tensorboard/events.out.tfevents.*"), ("wandb", "wandb/offline-run-*")],
+)
 def test_alternative_loggers_work_offline(tmp_path: Path, logger: str, written: str) -> None:
     cfg = compose_config(tmp_path, "experiment=baseline_digits", f"logger={logger}", *FAST)
     run(cfg)

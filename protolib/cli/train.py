@@ -53,7 +53,9 @@ def check_model_accepts_data(module: L.LightningModule, datamodule: L.LightningD
     finally:
         module.train(was_training)
     if logits.shape[-1] != datamodule.num_classes:
-        raise ValueError(f"model outputs {logits.shape[-1]} logits but the data has {datamodule.num_classes} classes")
+        raise ValueError(
+            f"model outputs {logits.shape[-1]} logits but the data has {datamodule.num_classes} classes"
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -62,7 +64,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build, fit, test; write ``metrics.json``, ``config.yaml`` and pictures into ``cfg.output_dir``."""
+    """Seed, build, fit, test; write metrics.json, config.yaml and pictures into ``cfg.output_dir``."""
     validate_trainer_config(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -125,5 +127,5 @@ def print_summary(metrics: dict[str, float], output_dir: Path, checkpoint: str) 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> Any:
-    """Console entry point (``protolib-train`` / ``python train.py``); returns the test accuracy for sweeps."""
+    """Console entry point (protolib-train, python train.py); returns the test accuracy for sweeps."""
     return run(cfg).get(cfg.get("optimized_metric", "test/acc"))

@@ -30,7 +30,9 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train.py writes them to <run dir>/checkpoints/")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; train.py writes them to <run dir>/checkpoints/"
+        )
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     config = checkpoint.get("protolib")
     if config is None:
@@ -44,9 +46,10 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
     return module.eval()
 
 
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that writes to a temporary file and renames: no half-written checkpoints."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         atomic_torch_save(path, checkpoint)

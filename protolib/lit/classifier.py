@@ -45,7 +45,7 @@ class ClassifierModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        # Set by train.py so that protolib.lit.checkpoint.load_module can rebuild the module from a checkpoint.
+        # Set by train.py so that protolib.lit.checkpoint.load_module can rebuild the module.
         self.build_config: dict[str, Any] | None = None
 
     # --- what subclasses provide -------------------------------------------------------------------
