@@ -3,6 +3,6 @@
 ``explain`` imports models and Lightning modules, never the reverse.
 """
 
-from explain.prototypes import gallery_pages, prototype_picture, render_prototypes
+from explain.prototypes import gallery_pages, prototype_picture, render_checkpoint, render_prototypes
 
-__all__ = ["gallery_pages", "prototype_picture", "render_prototypes"]
+__all__ = ["gallery_pages", "prototype_picture", "render_checkpoint", "render_prototypes"]

@@ -161,3 +161,20 @@ def render_prototypes(
         written.append(_save_png(out_dir / f"gallery-{number:02d}.png", page))
     written.append(atomic_write_json(out_dir / "prototypes.json", records))
     return written
+
+
+def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_page: int = 25) -> list[Path]:
+    """Render the prototypes of a ProtoPNet checkpoint written by train.py, with its training data."""
+    from hydra.utils import instantiate
+
+    from protolib.lit.checkpoint import load_module
+
+    module = load_module(checkpoint)
+    model = getattr(module, "model", None)
+    if not isinstance(model, ProtoPNet):
+        raise ValueError(f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet module")
+    datamodule = instantiate(module.build_config["data"])
+    datamodule.setup("fit")
+    return render_prototypes(model, datamodule.push_dataloader().dataset, out_dir, datamodule.denormalize,
+                             class_names=datamodule.class_names, classes_per_page=classes_per_page)
+

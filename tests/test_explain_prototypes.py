@@ -105,7 +105,7 @@ def test_callback_renders_after_each_push_into_the_run_directory(
     trainer = L.Trainer(
         accelerator="cpu", limit_train_batches=2, limit_val_batches=1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback],
+        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback], max_epochs=1,
     )
     trainer.fit(make_module(), datamodule=datamodule)
     folders = sorted((tmp_path / "pictures").iterdir())

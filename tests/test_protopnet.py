@@ -108,6 +108,18 @@ def test_push_projects_each_prototype_onto_its_nearest_own_class_patch(datamodul
     torch.testing.assert_close(maps[torch.arange(len(maps)), rows, cols], maps.amax(dim=(1, 2)))
 
 
+def test_prototype_identity_comes_from_the_bank_owners_not_the_order(datamodule: DigitsDataModule) -> None:
+    model = make_module().model
+    owners = torch.tensor([2, 0, 1, 2, 0, 1])  # interleaved instead of grouped by class
+    model.bank.owners.copy_(owners)
+    model.set_class_connections(-0.5)
+    assert model.last_layer.weight[owners, torch.arange(6)].eq(1.0).all()
+    model.push(datamodule.push_dataloader())
+    provenance = model.provenance()
+    labels = torch.tensor([datamodule.train_dataset[int(i)]["label"] for i in provenance["source_sample"]])
+    assert torch.equal(labels, owners) and torch.equal(provenance["owner"], owners)
+
+
 def test_push_warns_with_the_duplicate_count_when_prototypes_collapse(datamodule: DigitsDataModule) -> None:
     model = make_module().model
     with torch.no_grad():

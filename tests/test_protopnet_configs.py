@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from explain.__main__ import main as explain_cli
 from protolib.cli.train import CONFIG_DIR, run
 from protolib.lit.checkpoint import build_module, load_module
 from protolib.lit.protopnet import ProtoPNetModule
@@ -36,7 +37,7 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": cfg.data.image_size})
     assert isinstance(module, ProtoPNetModule)
     assert module.model.bank.num_prototypes == 100 and module.model.prototype_dim == 128
-    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 17
+    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
     assert module.loss.weights == {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
 
 
@@ -75,3 +76,7 @@ def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path)
     assert len(list(pictures.glob("prototype-*.png"))) == 100
     assert (pictures / "gallery-01.png").stat().st_size > 0
     assert len(json.loads((pictures / "prototypes.json").read_text())) == 100
+    # the same pictures from the checkpoint alone, through the command line
+    explain_cli(["prototypes", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again")])
+    assert len(list((tmp_path / "again").glob("prototype-*.png"))) == 100
+    assert (tmp_path / "again" / "prototypes.json").read_text() == (pictures / "prototypes.json").read_text()

@@ -97,9 +97,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics = {key: float(value) for key, value in results[0].items()}
     atomic_write_json(output_dir / "metrics.json", metrics)
+    confusion = module.test_confusion.compute().cpu().numpy()  # a collective under DDP: every rank calls it
     if trainer.is_global_zero:
         plot_confusion_matrix(
-            module.test_confusion.compute().cpu().numpy(),
+            confusion,
             list(datamodule.class_names),
             output_dir / "confusion_matrix.png",
             title=f"{cfg.task_name}: test accuracy {metrics.get('test/acc', float('nan')):.3f}",

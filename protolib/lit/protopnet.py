@@ -147,7 +147,7 @@ class ProtoPNetModule(ClassifierModule):
         # Accuracy of the pushed (interpretable) model; NaN while prototypes are not training patches, so a
         # checkpoint monitoring it only ever keeps a pushed model.
         pushed = self.phase == "last" and not self.trainer.sanity_checking
-        self.log("val/pushed_acc", self.val_acc.compute() if pushed else math.nan)
+        self.log("val/pushed_acc", self.val_acc.compute() if pushed else math.nan, sync_dist=True)
 
     # --- push and prune (called by the schedule) --------------------------------------------------------
     def push_prototypes(self, loader: DataLoader) -> PushReport:
@@ -156,7 +156,7 @@ class ProtoPNetModule(ClassifierModule):
         duplicates = int(report.duplicates.sum())
         mean_distance = report.distances.mean().item()
         self.log_dict({"push/seconds": report.seconds, "push/duplicates": float(duplicates),
-                       "push/mean_distance": mean_distance})
+                       "push/mean_distance": mean_distance}, sync_dist=True)
         log.info("push at epoch %d: %d prototypes in %.2f s, mean distance %.4f, %d duplicates",
                  self.current_epoch, len(report.distances), report.seconds, mean_distance, duplicates)
         return report
@@ -164,7 +164,7 @@ class ProtoPNetModule(ClassifierModule):
     def prune_prototypes(self, loader: DataLoader) -> torch.Tensor:
         """The paper's pruning with the schedule's k and threshold; returns the removed prototypes' ids."""
         removed = self.model.prune(loader, k=self.schedule.prune_k, threshold=self.schedule.prune_threshold)
-        self.log("prune/removed", float(len(removed)))
+        self.log("prune/removed", float(len(removed)), sync_dist=True)
         log.info("pruning at epoch %d removed %d prototypes: %s", self.current_epoch, len(removed),
                  removed.tolist()[:50])
         return removed

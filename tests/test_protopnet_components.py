@@ -186,3 +186,11 @@ def test_distances_stay_float32_under_mixed_precision() -> None:
         distances = squared_l2_distances(features.bfloat16(), prototypes)
     assert distances.dtype == torch.float32
     torch.testing.assert_close(distances, squared_l2_distances(features.bfloat16().float(), prototypes))
+
+
+@pytest.mark.parametrize("name", ["vgg19", "densenet121"])
+def test_receptive_field_of_the_papers_other_backbones(name: str) -> None:
+    rf = receptive_field(build_backbone(name), 224)
+    assert rf.stride == (32.0, 32.0) and rf.feature_size == (7, 7)
+    boxes = rf.boxes(torch.tensor([[0, 0], [6, 6]]))
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 224).all() and (boxes[:, 2:] > boxes[:, :2]).all()
