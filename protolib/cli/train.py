@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from protolib.lit.checkpoint import AtomicCheckpointIO, build_module
@@ -86,7 +87,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     }
     check_model_accepts_data(module, datamodule)
 
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the files
+        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, plugins=[AtomicCheckpointIO()]
@@ -96,9 +98,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics = {key: float(value) for key, value in results[0].items()}
-    atomic_write_json(output_dir / "metrics.json", metrics)
     confusion = module.test_confusion.compute().cpu().numpy()  # a collective under DDP: every rank calls it
     if trainer.is_global_zero:
+        atomic_write_json(output_dir / "metrics.json", metrics)
         plot_confusion_matrix(
             confusion,
             list(datamodule.class_names),
