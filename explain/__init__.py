@@ -1,8 +1,19 @@
-"""Explanation toolkit: pictures of what prototype models learned, read from the models' own outputs.
+"""Explanation toolkit: what prototype models learned and why they predicted, read from the models' own outputs.
 
 ``explain`` imports models and Lightning modules, never the reverse.
 """
 
+from explain.attribution import integrated_gradients
+from explain.local import explain_image
 from explain.prototypes import gallery_pages, prototype_picture, render_checkpoint, render_prototypes
+from explain.scores import prototype_part_score
 
-__all__ = ["gallery_pages", "prototype_picture", "render_checkpoint", "render_prototypes"]
+__all__ = [
+    "explain_image",
+    "gallery_pages",
+    "integrated_gradients",
+    "prototype_part_score",
+    "prototype_picture",
+    "render_checkpoint",
+    "render_prototypes",
+]

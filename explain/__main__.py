@@ -1,13 +1,38 @@
 """Command line of the explanation toolkit: ``python -m explain <command> ...``.
 
     python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --out pictures/
+    python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7 --out why.png
 """
 
 from __future__ import annotations
 
 import argparse
 
-from explain.prototypes import render_checkpoint
+from explain.prototypes import load_checkpoint, render_checkpoint
+
+
+def explain_test_image(args: argparse.Namespace) -> None:
+    """``local``: the prototype explanation of one test image (and optionally integrated gradients)."""
+    from explain.attribution import integrated_gradients, save_attribution
+    from explain.local import explain_image, save_explanation
+
+    module, datamodule = load_checkpoint(args.checkpoint)
+    test = datamodule.test_dataset
+    if not 0 <= args.index < len(test):
+        raise ValueError(f"--index {args.index} is out of range: the test split has {len(test)} images")
+    item = test[args.index]
+    explanation = explain_image(
+        module.model, item["image"], datamodule.push_dataloader().dataset, datamodule.denormalize,
+        target=args.target, k=args.k, percentile=module.schedule.push_percentile,
+        class_names=datamodule.class_names,
+    )
+    print(f"test image {args.index}, true class {item['label']}")
+    print(explanation.summary())
+    print(f"wrote {save_explanation(explanation, args.out)}")
+    if args.integrated_gradients:
+        attribution = integrated_gradients(module.model, item["image"], target=explanation.target)
+        title = f"test image {args.index}: which pixels raised the logit of {explanation.target}"
+        print(f"wrote {save_attribution(attribution, explanation.image, args.integrated_gradients, title)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,9 +43,20 @@ def main(argv: list[str] | None = None) -> None:
     prototypes.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     prototypes.add_argument("--out", required=True, help="folder for pictures, gallery, prototypes.json")
     prototypes.add_argument("--classes-per-page", type=int, default=25, help="gallery rows per page")
+    local = commands.add_parser("local", help="why a ProtoPNet checkpoint predicted its class")
+    local.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    local.add_argument("--index", type=int, required=True, help="position of the image in the test split")
+    local.add_argument("--out", required=True, help="PNG of the prototype explanation")
+    local.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted)")
+    local.add_argument("-k", type=int, default=3, help="how many top-contributing prototypes to show")
+    local.add_argument("--integrated-gradients", default=None, metavar="PNG",
+                       help="also write captum integrated gradients of the same logit to this PNG")
     args = parser.parse_args(argv)
-    written = render_checkpoint(args.checkpoint, args.out, args.classes_per_page)
-    print(f"wrote {len(written)} files to {args.out}")
+    if args.command == "local":
+        explain_test_image(args)
+    else:
+        written = render_checkpoint(args.checkpoint, args.out, args.classes_per_page)
+        print(f"wrote {len(written)} files to {args.out}")
 
 
 if __name__ == "__main__":

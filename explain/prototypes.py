@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,11 @@ from torch.utils.data import Dataset
 
 from protolib.models.protopnet import ProtoPNet, fetch_images, upsample_maps
 from protolib.utils.io import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from protolib.data.base import VisionDataModule
 
 RF_COLOUR = (255, 215, 0)  # receptive field: yellow
 ACTIVATION_COLOUR = (0, 220, 255)  # high-activation region: cyan
@@ -46,19 +52,26 @@ def heatmap_overlay(image: np.ndarray, activation: np.ndarray) -> np.ndarray:
     return (np.clip(blended, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _resized(image: np.ndarray, side: int) -> Image.Image:
+def resize_panel(image: np.ndarray, side: int) -> Image.Image:
     """Square panel of ``side`` pixels; nearest-neighbour keeps tiny images' pixels visible."""
     return Image.fromarray(image).resize((side, side), Image.NEAREST)
 
 
-def _draw_box(panel: Image.Image, box: Sequence[int], image_side: int, colour: tuple[int, int, int]) -> None:
+def draw_box(panel: Image.Image, box: Sequence[int], image_side: int, colour: tuple[int, int, int]) -> None:
     """Draw an ``x0, y0, x1, y1`` box (image pixels, exclusive ends) on a panel scaled from the image."""
     scale = panel.width / image_side
     x0, y0, x1, y1 = (float(v) * scale for v in box)
     ImageDraw.Draw(panel).rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=2)
 
 
-def _save_png(path: Path, image: Image.Image) -> Path:
+def crop_box(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
+    """The pixels (h, w, ...) of ``image`` (H, W, ...) inside an ``x0, y0, x1, y1`` box (exclusive ends)."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return image[y0:y1, x0:x1]
+
+
+def save_png(path: Path, image: Image.Image) -> Path:
+    """Write a PIL image as PNG atomically."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
@@ -76,12 +89,11 @@ def prototype_picture(
     ``image`` (H, W, 3) uint8, ``activation`` (H, W) the similarity map upsampled to the image.
     """
     side = image.shape[0]
-    source = _resized(image, PANEL)
-    _draw_box(source, rf_box, side, RF_COLOUR)
-    _draw_box(source, activation_box, side, ACTIVATION_COLOUR)
-    x0, y0, x1, y1 = (int(v) for v in activation_box)
-    patch = Image.fromarray(image[y0:y1, x0:x1]).resize((PANEL, PANEL), Image.NEAREST)
-    overlay = _resized(heatmap_overlay(image, activation), PANEL)
+    source = resize_panel(image, PANEL)
+    draw_box(source, rf_box, side, RF_COLOUR)
+    draw_box(source, activation_box, side, ACTIVATION_COLOUR)
+    patch = Image.fromarray(crop_box(image, activation_box)).resize((PANEL, PANEL), Image.NEAREST)
+    overlay = resize_panel(heatmap_overlay(image, activation), PANEL)
     header = 18
     canvas = Image.new("RGB", (3 * PANEL + 4 * 4, PANEL + header + 4), "white")
     for column, panel in enumerate((source, patch, overlay)):
@@ -109,7 +121,7 @@ def gallery_pages(
             name = class_names[owner] if owner < len(class_names) else str(owner)
             draw.text((4, top + TILE // 2 - 6), f"{owner}: {name}"[:18], fill="black")
             for c, patch in enumerate(by_class[owner]):
-                page.paste(_resized(patch, TILE), (LABEL_WIDTH + c * (TILE + 2), top))
+                page.paste(resize_panel(patch, TILE), (LABEL_WIDTH + c * (TILE + 2), top))
         pages.append(page)
     return pages
 
@@ -145,10 +157,9 @@ def render_prototypes(
             activation_box = provenance["activation_box"][p].tolist()
             sample = int(provenance["source_sample"][p])
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
-            written.append(_save_png(out_dir / f"prototype-{p:04d}.png",
-                                     prototype_picture(picture, activation, rf_box, activation_box, title)))
-            x0, y0, x1, y1 = activation_box
-            patches.append(picture[y0:y1, x0:x1])
+            written.append(save_png(out_dir / f"prototype-{p:04d}.png",
+                                    prototype_picture(picture, activation, rf_box, activation_box, title)))
+            patches.append(crop_box(picture, activation_box))
             records.append({
                 "prototype": p, "class": owner, "class_name": names[owner], "source_index": sample,
                 "location": provenance["location"][p].tolist(), "rf_box": rf_box,
@@ -158,23 +169,28 @@ def render_prototypes(
             })
     owners = provenance["owner"].tolist()
     for number, page in enumerate(gallery_pages(patches, owners, names, classes_per_page), start=1):
-        written.append(_save_png(out_dir / f"gallery-{number:02d}.png", page))
+        written.append(save_png(out_dir / f"gallery-{number:02d}.png", page))
     written.append(atomic_write_json(out_dir / "prototypes.json", records))
     return written
 
 
-def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_page: int = 25) -> list[Path]:
-    """Render the prototypes of a ProtoPNet checkpoint written by train.py, with its training data."""
+def load_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, VisionDataModule]:
+    """A ProtoPNet module from a train.py checkpoint and its training data (set up), for explanations."""
     from hydra.utils import instantiate
 
     from protolib.lit.checkpoint import load_module
 
     module = load_module(checkpoint)
-    model = getattr(module, "model", None)
-    if not isinstance(model, ProtoPNet):
+    if not isinstance(getattr(module, "model", None), ProtoPNet):
         raise ValueError(f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet module")
     datamodule = instantiate(module.build_config["data"])
     datamodule.setup("fit")
-    return render_prototypes(model, datamodule.push_dataloader().dataset, out_dir, datamodule.denormalize,
-                             class_names=datamodule.class_names, classes_per_page=classes_per_page)
+    return module, datamodule
 
+
+def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_page: int = 25) -> list[Path]:
+    """Render the prototypes of a ProtoPNet checkpoint written by train.py, with its training data."""
+    module, datamodule = load_checkpoint(checkpoint)
+    dataset = datamodule.push_dataloader().dataset
+    return render_prototypes(module.model, dataset, out_dir, datamodule.denormalize,
+                             class_names=datamodule.class_names, classes_per_page=classes_per_page)

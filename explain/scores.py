@@ -1,0 +1,95 @@
+"""Interpretability scores against ground truth: do prototypes sit on the parts that define their class?
+
+On the procedural ``parts`` data a class is defined by which parts appear (``datamodule.class_parts``) and
+every image has a part mask, so a pushed prototype can be checked: the fraction of its high-activation box
+(on the training image it was pushed onto) covered by its class's defining parts. 1 = the prototype is a
+defining part; 0 = it is background or a distractor. ``image_fraction`` (the same fraction over the whole
+source image) is the score a prototype would get by covering everything: the level to beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from protolib.models.protopnet import ProtoPNet
+
+
+def defining_masks(
+    masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """(N, H, W) bool: which pixels of part masks (N, H, W) show a part defining class ``owners[i]`` (N,)."""
+    if len(owners) and int(owners.max()) >= len(class_parts):
+        raise ValueError(
+            f"class {int(owners.max())} has no entry in class_parts ({len(class_parts)} classes given)"
+        )
+    table = torch.zeros(len(class_parts), int(masks.max()) + 1, dtype=torch.bool)  # (C, part ids)
+    for c, parts in enumerate(class_parts):
+        table[c, [p for p in parts if p < table.shape[1]]] = True
+    return table[owners.long()[:, None, None], masks.long()]
+
+
+def box_part_fractions(
+    boxes: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) on mask (N, H, W)
+    that belong to a part defining class ``owners`` (N,)."""
+    if boxes.shape != (len(masks), 4) or masks.dim() != 3 or len(owners) != len(masks):
+        raise ValueError(f"expected boxes (N, 4), masks (N, H, W), owners (N,); got {tuple(boxes.shape)}, "
+                         f"{tuple(masks.shape)}, {tuple(owners.shape)}")
+    x0, y0, x1, y1 = (v[:, None, None] for v in boxes.long().unbind(1))  # each (N, 1, 1)
+    if ((x1 <= x0) | (y1 <= y0)).any():
+        raise ValueError("empty box (x1 <= x0 or y1 <= y0): boxes are x0, y0, x1, y1 with exclusive ends")
+    rows = torch.arange(masks.shape[1])[None, :, None]  # (1, H, 1)
+    cols = torch.arange(masks.shape[2])[None, None, :]  # (1, 1, W)
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (N, H, W)
+    on_part = inside & defining_masks(masks, owners, class_parts)
+    return on_part.flatten(1).sum(1) / inside.flatten(1).sum(1)
+
+
+@dataclass
+class PartScore:
+    """Per-prototype part scores of a pushed ProtoPNet and their mean (the interpretability score)."""
+
+    per_prototype: torch.Tensor  # (P,) fraction of each high-activation box on its class's defining parts
+    image_fraction: torch.Tensor  # (P,) the same fraction over the whole source image: the level to beat
+
+    @property
+    def mean(self) -> float:
+        """The interpretability score: mean over prototypes."""
+        return float(self.per_prototype.mean())
+
+    @property
+    def image_mean(self) -> float:
+        """Mean of ``image_fraction``: what boxes covering the whole image would score."""
+        return float(self.image_fraction.mean())
+
+
+def prototype_part_score(
+    model: ProtoPNet, push_dataset: Dataset, class_parts: Sequence[Sequence[int]]
+) -> PartScore:
+    """Score every pushed prototype's high-activation box against the part mask of its source image.
+
+    ``push_dataset`` is the dataset push used (items carry "part_mask": the ``parts`` data); ``class_parts``
+    the defining part ids of each class (``PartsDataModule.class_parts``).
+    """
+    provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
+    if (provenance["source_sample"] < 0).any():
+        raise ValueError("prototypes have no source patches yet: push them first (ProtoPNet.push)")
+    masks = []
+    for index in provenance["source_sample"].tolist():
+        item = push_dataset[index]
+        if "part_mask" not in item:
+            raise ValueError("push dataset items have no 'part_mask': part scores need the parts data "
+                             "(protolib.data.parts.PartsDataModule)")
+        masks.append(item["part_mask"])
+    masks = torch.stack(masks)  # (P, H, W)
+    owners = provenance["owner"]
+    full = torch.tensor([[0, 0, masks.shape[2], masks.shape[1]]]).expand(len(masks), 4)  # whole image
+    return PartScore(
+        per_prototype=box_part_fractions(provenance["activation_box"], masks, owners, class_parts),
+        image_fraction=box_part_fractions(full, masks, owners, class_parts),
+    )
