@@ -33,8 +33,12 @@ from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_SCHEDULE = [
-    "model.schedule.train_epochs=2", "model.schedule.warm_epochs=1", "model.schedule.push_start=1",
-    "model.schedule.last_layer_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+    "model.schedule.train_epochs=2",
+    "model.schedule.warm_epochs=1",
+    "model.schedule.push_start=1",
+    "model.schedule.last_layer_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
 ]
 FULL = {
@@ -86,8 +90,14 @@ def throughput(backbone: str, in_chans: int, size: int, batch: int, steps: int) 
     baseline = BaselineClassifier(num_classes=10, in_channels=in_chans, backbone=backbone)
     proto_ips = images_per_second(protopnet, in_chans, size, batch, steps)
     base_ips = images_per_second(baseline, in_chans, size, batch, steps)
-    return {"backbone": backbone, "image_size": size, "batch": batch, "protopnet_ips": proto_ips,
-            "baseline_ips": base_ips, "ratio": proto_ips / base_ips}
+    return {
+        "backbone": backbone,
+        "image_size": size,
+        "batch": batch,
+        "protopnet_ips": proto_ips,
+        "baseline_ips": base_ips,
+        "ratio": proto_ips / base_ips,
+    }
 
 
 def loop_push(
@@ -132,8 +142,10 @@ def push_comparison(
     with torch.no_grad():
         bank.vectors.uniform_(0, 1, generator=generator)
     batches = [(embeddings[s : s + batch], labels[s : s + batch]) for s in range(0, images, batch)]
-    stream = [(e, y, torch.arange(s, s + len(y))) for s, (e, y) in zip(range(0, images, batch), batches,
-                                                                        strict=True)]
+    stream = [
+        (e, y, torch.arange(s, s + len(y)))
+        for s, (e, y) in zip(range(0, images, batch), batches, strict=True)
+    ]
     bank.nearest_per_prototype(stream[:2])  # warm-up: first calls pay for kernel selection
     loop_push(batches[:2], bank.vectors.detach(), owners)
     start = time.perf_counter()
@@ -144,9 +156,15 @@ def push_comparison(
     looped = time.perf_counter() - start
     patch = (result.sample_ids * side + result.locations[:, 0]) * side + result.locations[:, 1]
     agree = bool(np.allclose(result.distances.numpy(), loop_dist, rtol=1e-4, atol=1e-4))
-    return {"images": images, "prototypes": len(owners), "batched_s": batched, "loop_s": looped,
-            "speedup": looped / batched, "same_distances": agree,
-            "same_patches": float((patch.numpy() == loop_patch).mean())}
+    return {
+        "images": images,
+        "prototypes": len(owners),
+        "batched_s": batched,
+        "loop_s": looped,
+        "speedup": looped / batched,
+        "same_distances": agree,
+        "same_patches": float((patch.numpy() == loop_patch).mean()),
+    }
 
 
 def main() -> None:
@@ -154,8 +172,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke size")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    report: dict[str, Any] = {"quick": args.quick, "torch": torch.__version__,
-                              "platform": platform.platform(), "threads": torch.get_num_threads()}
+    report: dict[str, Any] = {
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+    }
 
     report["experiments"] = [run_experiment(name, overrides) for name, overrides in sizes["experiments"]]
     print("\nexperiment            test acc   wall time")
@@ -165,15 +187,19 @@ def main() -> None:
     report["throughput"] = [throughput(*case, steps=sizes["steps"]) for case in sizes["throughput"]]
     print("\nbackbone    size batch  ProtoPNet img/s  baseline img/s  ratio")
     for row in report["throughput"]:
-        print(f"{row['backbone']:<10} {row['image_size']:>5} {row['batch']:>5} {row['protopnet_ips']:>16.1f} "
-              f"{row['baseline_ips']:>15.1f} {row['ratio']:>6.2f}")
+        print(
+            f"{row['backbone']:<10} {row['image_size']:>5} {row['batch']:>5} {row['protopnet_ips']:>16.1f} "
+            f"{row['baseline_ips']:>15.1f} {row['ratio']:>6.2f}"
+        )
 
     report["push"] = push_comparison(**sizes["push"])
     row = report["push"]
     print("\npush search: images prototypes  batched    loop     speed-up  same distances  same patches")
-    print(f"             {row['images']:>6} {row['prototypes']:>10} {row['batched_s']:>7.2f} s "
-          f"{row['loop_s']:>6.2f} s {row['speedup']:>8.1f}x  {row['same_distances']!s:>14} "
-          f"{row['same_patches']:>13.3f}")
+    print(
+        f"             {row['images']:>6} {row['prototypes']:>10} {row['batched_s']:>7.2f} s "
+        f"{row['loop_s']:>6.2f} s {row['speedup']:>8.1f}x  {row['same_distances']!s:>14} "
+        f"{row['same_patches']:>13.3f}"
+    )
 
     path = RESULTS / ("protopnet_quick.json" if args.quick else "protopnet.json")
     atomic_write_json(path, report)

@@ -1,4 +1,4 @@
-"""Explanation toolkit: what prototype models learned and why they predicted, read from the models' own outputs.
+"""Explanation toolkit: what prototype models learned and why they predicted, from their own outputs.
 
 ``explain`` imports models and Lightning modules, never the reverse.
 """

@@ -1,7 +1,7 @@
 """Command line of the explanation toolkit: ``python -m explain <command> ...``.
 
-    python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --out pictures/
-    python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7 --out why.png
+python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --out pictures/
+python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7 --out why.png
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ def explain_test_image(args: argparse.Namespace) -> None:
         raise ValueError(f"--index {args.index} is out of range: the test split has {len(test)} images")
     item = test[args.index]
     explanation = explain_image(
-        module.model, item["image"], datamodule.push_dataloader().dataset, datamodule.denormalize,
-        target=args.target, k=args.k, percentile=module.schedule.push_percentile,
+        module.model,
+        item["image"],
+        datamodule.push_dataloader().dataset,
+        datamodule.denormalize,
+        target=args.target,
+        k=args.k,
+        percentile=module.schedule.push_percentile,
         class_names=datamodule.class_names,
     )
     print(f"test image {args.index}, true class {item['label']}")
@@ -49,8 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     local.add_argument("--out", required=True, help="PNG of the prototype explanation")
     local.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted)")
     local.add_argument("-k", type=int, default=3, help="how many top-contributing prototypes to show")
-    local.add_argument("--integrated-gradients", default=None, metavar="PNG",
-                       help="also write captum integrated gradients of the same logit to this PNG")
+    local.add_argument(
+        "--integrated-gradients",
+        default=None,
+        metavar="PNG",
+        help="also write captum integrated gradients of the same logit to this PNG",
+    )
     args = parser.parse_args(argv)
     if args.command == "local":
         explain_test_image(args)

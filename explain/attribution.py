@@ -62,8 +62,9 @@ def integrated_gradients(
     inputs = image[None].to(device)  # (1, C, H, W)
     baselines = torch.zeros_like(inputs) if baseline is None else baseline[None].to(device)
     if baselines.shape != inputs.shape:
-        raise ValueError(f"baseline shape {tuple(baselines.shape[1:])} differs from the image's "
-                         f"{tuple(inputs.shape[1:])}")
+        raise ValueError(
+            f"baseline shape {tuple(baselines.shape[1:])} differs from the image's {tuple(inputs.shape[1:])}"
+        )
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C) logits or (N, P) similarities
         output = model(x)

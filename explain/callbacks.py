@@ -40,8 +40,12 @@ class PrototypePictures(L.Callback):
         pl_module.eval()
         try:
             written = render_prototypes(
-                pl_module.model, push_loader(trainer).dataset, out_dir, datamodule.denormalize,
-                class_names=getattr(datamodule, "class_names", None), classes_per_page=self.classes_per_page,
+                pl_module.model,
+                push_loader(trainer).dataset,
+                out_dir,
+                datamodule.denormalize,
+                class_names=getattr(datamodule, "class_names", None),
+                classes_per_page=self.classes_per_page,
             )
         finally:
             pl_module.train(was_training)

@@ -100,8 +100,9 @@ class LocalExplanation:
             for e in self.evidence
         ]
         shown = sum(e.contribution for e in self.evidence)
-        lines.append(f"top {len(self.evidence)} contribute {shown:.3f}, the other prototypes "
-                     f"{self.logit - shown:.3f}")
+        lines.append(
+            f"top {len(self.evidence)} contribute {shown:.3f}, the other prototypes {self.logit - shown:.3f}"
+        )
         return "\n".join(lines)
 
 
@@ -211,4 +212,3 @@ def plot_explanation(explanation: LocalExplanation) -> Figure:
 def save_explanation(explanation: LocalExplanation, path: str | Path) -> Path:
     """Render the explanation (``plot_explanation``) into one PNG, written atomically."""
     return atomic_savefig(path, plot_explanation(explanation), dpi=100)
-

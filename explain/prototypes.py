@@ -157,16 +157,27 @@ def render_prototypes(
             activation_box = provenance["activation_box"][p].tolist()
             sample = int(provenance["source_sample"][p])
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
-            written.append(save_png(out_dir / f"prototype-{p:04d}.png",
-                                    prototype_picture(picture, activation, rf_box, activation_box, title)))
+            written.append(
+                save_png(
+                    out_dir / f"prototype-{p:04d}.png",
+                    prototype_picture(picture, activation, rf_box, activation_box, title),
+                )
+            )
             patches.append(crop_box(picture, activation_box))
-            records.append({
-                "prototype": p, "class": owner, "class_name": names[owner], "source_index": sample,
-                "location": provenance["location"][p].tolist(), "rf_box": rf_box,
-                "activation_box": activation_box, "push_distance": float(provenance["score"][p]),
-                "push_step": int(provenance["step"][p]),
-                "weight_to_own_class": float(model.last_layer.weight[owner, p]),
-            })
+            records.append(
+                {
+                    "prototype": p,
+                    "class": owner,
+                    "class_name": names[owner],
+                    "source_index": sample,
+                    "location": provenance["location"][p].tolist(),
+                    "rf_box": rf_box,
+                    "activation_box": activation_box,
+                    "push_distance": float(provenance["score"][p]),
+                    "push_step": int(provenance["step"][p]),
+                    "weight_to_own_class": float(model.last_layer.weight[owner, p]),
+                }
+            )
     owners = provenance["owner"].tolist()
     for number, page in enumerate(gallery_pages(patches, owners, names, classes_per_page), start=1):
         written.append(save_png(out_dir / f"gallery-{number:02d}.png", page))
@@ -192,5 +203,11 @@ def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_p
     """Render the prototypes of a ProtoPNet checkpoint written by train.py, with its training data."""
     module, datamodule = load_checkpoint(checkpoint)
     dataset = datamodule.push_dataloader().dataset
-    return render_prototypes(module.model, dataset, out_dir, datamodule.denormalize,
-                             class_names=datamodule.class_names, classes_per_page=classes_per_page)
+    return render_prototypes(
+        module.model,
+        dataset,
+        out_dir,
+        datamodule.denormalize,
+        class_names=datamodule.class_names,
+        classes_per_page=classes_per_page,
+    )

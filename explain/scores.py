@@ -38,8 +38,10 @@ def box_part_fractions(
     """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) on mask (N, H, W)
     that belong to a part defining class ``owners`` (N,)."""
     if boxes.shape != (len(masks), 4) or masks.dim() != 3 or len(owners) != len(masks):
-        raise ValueError(f"expected boxes (N, 4), masks (N, H, W), owners (N,); got {tuple(boxes.shape)}, "
-                         f"{tuple(masks.shape)}, {tuple(owners.shape)}")
+        raise ValueError(
+            f"expected boxes (N, 4), masks (N, H, W), owners (N,); got {tuple(boxes.shape)}, "
+            f"{tuple(masks.shape)}, {tuple(owners.shape)}"
+        )
     x0, y0, x1, y1 = (v[:, None, None] for v in boxes.long().unbind(1))  # each (N, 1, 1)
     if ((x1 <= x0) | (y1 <= y0)).any():
         raise ValueError("empty box (x1 <= x0 or y1 <= y0): boxes are x0, y0, x1, y1 with exclusive ends")
@@ -83,8 +85,10 @@ def prototype_part_score(
     for index in provenance["source_sample"].tolist():
         item = push_dataset[index]
         if "part_mask" not in item:
-            raise ValueError("push dataset items have no 'part_mask': part scores need the parts data "
-                             "(protolib.data.parts.PartsDataModule)")
+            raise ValueError(
+                "push dataset items have no 'part_mask': part scores need the parts data "
+                "(protolib.data.parts.PartsDataModule)"
+            )
         masks.append(item["part_mask"])
     masks = torch.stack(masks)  # (P, H, W)
     owners = provenance["owner"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_helpers import run_ranks
 
 from protolib.bank import PrototypeBank
 
@@ -74,12 +72,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def assert_equal_tensors(a: dict, b: dict, exact: bool = True) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -90,14 +82,7 @@ def assert_equal_tensors(a: dict, b: dict, exact: bool = True) -> None:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("DDP workers did not finish within 120 s (a collective is probably mismatched)")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(worker, WORLD, out_dir)
 
 
 def test_ranks_hold_identical_banks(records: list[dict]) -> None:

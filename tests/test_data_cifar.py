@@ -20,8 +20,11 @@ def dump(path: Path, obj: dict) -> None:
 
 def batch(rng: np.random.Generator, n: int, num_classes: int, label_key: bytes) -> dict:
     labels = [i % num_classes for i in range(n)]
-    return {b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), label_key: labels,
-            b"batch_label": b"tiny"}
+    return {
+        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: labels,
+        b"batch_label": b"tiny",
+    }
 
 
 @pytest.fixture
@@ -43,8 +46,13 @@ def cifar100(tmp_path: Path) -> Path:
         data = batch(rng, n, 100, b"fine_labels")
         data[b"coarse_labels"] = [label // 5 for label in data[b"fine_labels"]]
         dump(folder / name, data)
-    dump(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                           b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+    )
     return tmp_path
 
 

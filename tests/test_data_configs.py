@@ -49,8 +49,10 @@ def test_on_disk_configs_point_at_the_data_folder_and_fail_clearly(name, tmp_pat
 
 
 def test_overrides_reach_the_datamodule():
-    cfg = OmegaConf.merge(OmegaConf.load(CONF / "digits.yaml"),
-                          OmegaConf.from_dotlist(["classes=[0,1,2,3,4,5,6]", "image_size=16"]))
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONF / "digits.yaml"),
+        OmegaConf.from_dotlist(["classes=[0,1,2,3,4,5,6]", "image_size=16"]),
+    )
     dm = instantiate(cfg)
     dm.setup()
     assert dm.num_classes == 7 and dm.image_size == 16 and dm.held_out_class_names == ["7", "8", "9"]

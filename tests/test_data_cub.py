@@ -26,19 +26,28 @@ def write_cub(root: Path) -> Path:
         pixels = np.zeros((30, 40, 3), np.uint8)
         pixels[..., 2] = 255  # blue background
         x, y, w, h = BOX
-        pixels[y:y + h, x:x + w] = (255, 0, 0)  # red bird inside the box
-        pixels[MARK[1] - 2:MARK[1] + 2, MARK[0] - 2:MARK[0] + 2] = (0, 255, 0)
+        pixels[y : y + h, x : x + w] = (255, 0, 0)  # red bird inside the box
+        pixels[MARK[1] - 2 : MARK[1] + 2, MARK[0] - 2 : MARK[0] + 2] = (0, 255, 0)
         (folder / "images" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / "images" / name)
         images.append(f"{image_id} {name}")
         labels.append(f"{image_id} {label + 1}")
         split.append(f"{image_id} {int(k % 3 != 2)}")
         boxes.append(f"{image_id} {x}.0 {y}.0 {w}.0 {h}.0")
-        locs += [f"{image_id} 1 {MARK[0]}.0 {MARK[1]}.0 1", f"{image_id} 2 {OUTSIDE[0]}.0 {OUTSIDE[1]}.0 1",
-                 f"{image_id} 3 0.0 0.0 0"]
-    files = {"images.txt": images, "image_class_labels.txt": labels, "train_test_split.txt": split,
-             "bounding_boxes.txt": boxes, "classes.txt": [f"{i + 1} {c}" for i, c in enumerate(CLASSES)],
-             "parts/parts.txt": ["1 back", "2 left eye", "3 tail"], "parts/part_locs.txt": locs}
+        locs += [
+            f"{image_id} 1 {MARK[0]}.0 {MARK[1]}.0 1",
+            f"{image_id} 2 {OUTSIDE[0]}.0 {OUTSIDE[1]}.0 1",
+            f"{image_id} 3 0.0 0.0 0",
+        ]
+    files = {
+        "images.txt": images,
+        "image_class_labels.txt": labels,
+        "train_test_split.txt": split,
+        "bounding_boxes.txt": boxes,
+        "classes.txt": [f"{i + 1} {c}" for i, c in enumerate(CLASSES)],
+        "parts/parts.txt": ["1 back", "2 left eye", "3 tail"],
+        "parts/part_locs.txt": locs,
+    }
     for name, lines in files.items():
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder

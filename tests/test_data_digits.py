@@ -33,8 +33,10 @@ def test_split_sizes_partition_and_stratification():
     # the three splits partition sklearn's images (compared as a multiset of pixel rows)
     ours = np.concatenate([raw_images(d) for d in (dm.train_dataset, dm.val_dataset, dm.test_dataset)])
     theirs = load_digits().images.reshape(1797, -1) / 16
-    assert np.array_equal(np.unique(np.round(ours, 6), axis=0, return_counts=True)[1],
-                          np.unique(np.round(theirs, 6), axis=0, return_counts=True)[1])
+    assert np.array_equal(
+        np.unique(np.round(ours, 6), axis=0, return_counts=True)[1],
+        np.unique(np.round(theirs, 6), axis=0, return_counts=True)[1],
+    )
     counts = np.bincount(load_digits().target)
     test_counts = np.bincount(dm.test_dataset.targets.numpy(), minlength=10)
     assert np.all(np.abs(test_counts - 0.2 * counts) <= 0.5)
@@ -67,8 +69,9 @@ def test_nearest_upsampling_and_normalisation_are_exact():
     image = dm.test_dataset[0]["image"][0].numpy()
     raw = raw_images(dm.test_dataset)[0].reshape(8, 8)
     assert np.allclose(image, (np.kron(raw, np.ones((4, 4))) - 0.2) / 0.5, atol=1e-6)
-    assert np.allclose(dm.denormalize(dm.test_dataset[0]["image"])[0].numpy(), np.kron(raw, np.ones((4, 4))),
-                       atol=1e-6)
+    assert np.allclose(
+        dm.denormalize(dm.test_dataset[0]["image"])[0].numpy(), np.kron(raw, np.ones((4, 4))), atol=1e-6
+    )
 
 
 def test_three_channels_repeat_gray():
@@ -98,8 +101,13 @@ def test_class_subset_is_remapped_in_given_order_and_rest_is_held_out():
 
 @pytest.mark.parametrize(
     ("classes", "message"),
-    [(["cat"], "unknown class 'cat'.*valid names"), ([10], "out of range"), ([1, 1], "twice"), ([], "empty"),
-     ("3", "list")],
+    [
+        (["cat"], "unknown class 'cat'.*valid names"),
+        ([10], "out of range"),
+        ([1, 1], "twice"),
+        ([], "empty"),
+        ("3", "list"),
+    ],
 )
 def test_bad_class_lists_are_rejected(classes, message):
     with pytest.raises(ValueError, match=message):
@@ -115,10 +123,16 @@ def test_empty_split_is_an_error():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"image_size": 0}, "image_size"), ({"in_channels": 2}, "in_channels"),
-     ({"val_fraction": 1.0}, "val_fraction"), ({"num_views": 2}, "needs train_transforms"),
-     ({"mean": [0.1, 0.2]}, "mean has 2 values"),
-     ({"std": [0.0]}, "positive"), ({"interpolation": "cubic"}, "interpolation"), ({"seed": -1}, "seed")],
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"in_channels": 2}, "in_channels"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"num_views": 2}, "needs train_transforms"),
+        ({"mean": [0.1, 0.2]}, "mean has 2 values"),
+        ({"std": [0.0]}, "positive"),
+        ({"interpolation": "cubic"}, "interpolation"),
+        ({"seed": -1}, "seed"),
+    ],
 )
 def test_bad_options_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

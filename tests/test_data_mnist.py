@@ -10,8 +10,12 @@ import torch
 
 from protolib.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -53,8 +57,9 @@ def test_reads_raw_and_gzipped_idx_files(tmp_path, gz):
 
 def test_fashion_names_resize_and_rgb(tmp_path):
     write_mnist(tmp_path, gz=True)
-    dm = FashionMNISTDataModule(tmp_path, image_size=32, in_channels=3, classes=["Bag", "Trouser"],
-                                val_fraction=0.25)
+    dm = FashionMNISTDataModule(
+        tmp_path, image_size=32, in_channels=3, classes=["Bag", "Trouser"], val_fraction=0.25
+    )
     dm.setup()
     assert dm.class_names == ["Bag", "Trouser"]
     assert dm.test_dataset[0]["image"].shape == (3, 32, 32)

@@ -101,11 +101,16 @@ def test_geometric_augmentation_moves_the_mask_with_the_image():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"num_classes": 10_000}, "num_classes"), ({"distractors": 3}, "distractors"), ({"noise": -1}, "noise"),
-     ({"parts_per_class": 5}, "parts_per_class"), ({"image_size": 4}, "too small"),
-     ({"test_per_class": 0}, "per class"), ({"grid": 0}, "grid")],
+    [
+        ({"num_classes": 10_000}, "num_classes"),
+        ({"distractors": 3}, "distractors"),
+        ({"noise": -1}, "noise"),
+        ({"parts_per_class": 5}, "parts_per_class"),
+        ({"image_size": 4}, "too small"),
+        ({"test_per_class": 0}, "per class"),
+        ({"grid": 0}, "grid"),
+    ],
 )
 def test_bad_options_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
-

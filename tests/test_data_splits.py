@@ -29,8 +29,10 @@ def test_stratified_split_is_seeded_and_per_class_independent(targets):
     # dropping other classes does not change which samples of class 0 are held
     keep = np.flatnonzero(targets <= 1)
     sub_held = keep[stratified_split(targets[keep], 0.3, seed=1)[1]]
-    assert np.array_equal(np.intersect1d(sub_held, np.flatnonzero(targets == 0)),
-                          np.intersect1d(a, np.flatnonzero(targets == 0)))
+    assert np.array_equal(
+        np.intersect1d(sub_held, np.flatnonzero(targets == 0)),
+        np.intersect1d(a, np.flatnonzero(targets == 0)),
+    )
 
 
 def test_split_classes_random_and_explicit():

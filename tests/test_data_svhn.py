@@ -12,8 +12,10 @@ from protolib.data.svhn import SVHNDataModule
 
 def write(path: Path, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    mat = {"X": rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
-           "y": (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)}  # 1..10, 10 = digit 0
+    mat = {
+        "X": rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
+        "y": (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8),
+    }  # 1..10, 10 = digit 0
     scipy.io.savemat(path, mat)
     return mat
 

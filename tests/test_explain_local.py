@@ -18,8 +18,15 @@ from protolib.data.parts import PartsDataModule
 from protolib.lit.protopnet import ProtoPNetModule
 from protolib.utils.io import atomic_torch_save
 
-DATA = {"num_classes": 4, "train_per_class": 6, "val_per_class": 2, "test_per_class": 3, "image_size": 16,
-        "batch_size": 16, "seed": 0}
+DATA = {
+    "num_classes": 4,
+    "train_per_class": 6,
+    "val_per_class": 2,
+    "test_per_class": 3,
+    "image_size": 16,
+    "batch_size": 16,
+    "seed": 0,
+}
 MODEL = {"backbone": "small_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8}
 
 
@@ -42,8 +49,14 @@ def module(datamodule: PartsDataModule) -> ProtoPNetModule:
 
 
 def explain(module: ProtoPNetModule, datamodule: PartsDataModule, image: torch.Tensor, **kwargs):
-    return explain_image(module.model, image, datamodule.push_dataloader().dataset, datamodule.denormalize,
-                         class_names=datamodule.class_names, **kwargs)
+    return explain_image(
+        module.model,
+        image,
+        datamodule.push_dataloader().dataset,
+        datamodule.denormalize,
+        class_names=datamodule.class_names,
+        **kwargs,
+    )
 
 
 def numpy_box(activation: np.ndarray, percentile: float = 95.0) -> tuple[int, int, int, int]:
@@ -88,8 +101,13 @@ def test_boxes_follow_the_push_rule_and_sources_come_from_provenance(
     p = 5
     source = int(provenance["source_sample"][p])
     # explaining the very training image a prototype was pushed onto gives back its recorded box
-    explanation = explain(module, datamodule, dataset[source]["image"], target=int(provenance["owner"][p]),
-                          k=module.model.bank.num_prototypes)
+    explanation = explain(
+        module,
+        datamodule,
+        dataset[source]["image"],
+        target=int(provenance["owner"][p]),
+        k=module.model.bank.num_prototypes,
+    )
     (evidence,) = [e for e in explanation.evidence if e.prototype == p]
     assert evidence.box == tuple(provenance["activation_box"][p].tolist())
     assert evidence.source_index == source and evidence.source_box == evidence.box
@@ -187,8 +205,9 @@ def test_prototype_part_score_matches_a_brute_force_count(
     np.testing.assert_allclose(score.image_fraction.numpy(), whole, rtol=1e-6)
     assert score.mean == pytest.approx(float(np.mean(expected)))
     assert 0.0 < score.image_mean < 1.0
-    no_masks = [{key: value for key, value in dataset[i].items() if key != "part_mask"}
-                for i in range(len(dataset))]
+    no_masks = [
+        {key: value for key, value in dataset[i].items() if key != "part_mask"} for i in range(len(dataset))
+    ]
     with pytest.raises(ValueError, match="part_mask"):
         prototype_part_score(module.model, no_masks, datamodule.class_parts)
 
@@ -197,13 +216,30 @@ def test_local_command_explains_a_test_image_of_a_checkpoint(
     module: ProtoPNetModule, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     build = {"num_classes": 4, "in_channels": 3, "image_size": 16}
-    config = {"model": {"_target_": "protolib.lit.protopnet.ProtoPNetModule", **MODEL},
-              "data": {"_target_": "protolib.data.parts.PartsDataModule", **DATA}, "build": build}
-    checkpoint = atomic_torch_save(tmp_path / "model.ckpt",
-                                   {"state_dict": module.state_dict(), "protolib": config})
+    config = {
+        "model": {"_target_": "protolib.lit.protopnet.ProtoPNetModule", **MODEL},
+        "data": {"_target_": "protolib.data.parts.PartsDataModule", **DATA},
+        "build": build,
+    }
+    checkpoint = atomic_torch_save(
+        tmp_path / "model.ckpt", {"state_dict": module.state_dict(), "protolib": config}
+    )
     out, gradients = tmp_path / "why.png", tmp_path / "ig.png"
-    explain_cli(["local", "--checkpoint", str(checkpoint), "--index", "2", "--out", str(out), "-k", "2",
-                 "--integrated-gradients", str(gradients)])
+    explain_cli(
+        [
+            "local",
+            "--checkpoint",
+            str(checkpoint),
+            "--index",
+            "2",
+            "--out",
+            str(out),
+            "-k",
+            "2",
+            "--integrated-gradients",
+            str(gradients),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "test image 2" in printed and "logit" in printed and printed.count("train image") == 2
     assert Image.open(out).size[1] > 0 and Image.open(gradients).size[0] > 0

@@ -40,8 +40,15 @@ def make_module() -> ProtoPNetModule:
     schedule = ProtoPNetSchedule(
         train_epochs=3, warm_epochs=1, push_start=1, push_every=2, last_layer_epochs=1
     )
-    return ProtoPNetModule(num_classes=3, in_channels=1, image_size=16, backbone="small_cnn",
-                           prototypes_per_class=PER_CLASS, prototype_dim=8, schedule=schedule)
+    return ProtoPNetModule(
+        num_classes=3,
+        in_channels=1,
+        image_size=16,
+        backbone="small_cnn",
+        prototypes_per_class=PER_CLASS,
+        prototype_dim=8,
+        schedule=schedule,
+    )
 
 
 def test_render_writes_one_picture_per_prototype_gallery_and_provenance(
@@ -52,8 +59,14 @@ def test_render_writes_one_picture_per_prototype_gallery_and_provenance(
     with pytest.raises(ValueError, match="push them first"):
         render_prototypes(model, dataset, tmp_path, datamodule.denormalize)
     model.push(datamodule.push_dataloader())
-    written = render_prototypes(model, dataset, tmp_path / "out", datamodule.denormalize,
-                                class_names=["zero", "one", "two"], classes_per_page=2)
+    written = render_prototypes(
+        model,
+        dataset,
+        tmp_path / "out",
+        datamodule.denormalize,
+        class_names=["zero", "one", "two"],
+        classes_per_page=2,
+    )
     pictures = sorted((tmp_path / "out").glob("prototype-*.png"))
     galleries = sorted((tmp_path / "out").glob("gallery-*.png"))
     assert len(pictures) == 3 * PER_CLASS and len(galleries) == 2  # 3 classes, 2 per page
@@ -103,9 +116,17 @@ def test_callback_renders_after_each_push_into_the_run_directory(
 ) -> None:
     callback = PrototypePictures(dirname="pictures")
     trainer = L.Trainer(
-        accelerator="cpu", limit_train_batches=2, limit_val_batches=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback], max_epochs=1,
+        accelerator="cpu",
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        max_epochs=1,
     )
     trainer.fit(make_module(), datamodule=datamodule)
     folders = sorted((tmp_path / "pictures").iterdir())

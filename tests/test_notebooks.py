@@ -35,8 +35,13 @@ def test_notebook_runs_without_errors(path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     client.execute(env=env)  # raises CellExecutionError naming the cell and its traceback
-    errors = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
-              if output.output_type == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
     assert not errors
     executed = [cell.execution_count for cell in notebook.cells if cell.cell_type == "code"]
     assert all(count is not None for count in executed)  # every code cell ran

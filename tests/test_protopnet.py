@@ -33,15 +33,30 @@ def datamodule() -> DigitsDataModule:
 def make_module(**schedule: Any) -> ProtoPNetModule:
     torch.manual_seed(0)
     return ProtoPNetModule(
-        num_classes=3, in_channels=1, image_size=16, backbone="small_cnn", prototypes_per_class=PER_CLASS,
-        prototype_dim=8, schedule=ProtoPNetSchedule(**{**TINY, **schedule}),
+        num_classes=3,
+        in_channels=1,
+        image_size=16,
+        backbone="small_cnn",
+        prototypes_per_class=PER_CLASS,
+        prototype_dim=8,
+        schedule=ProtoPNetSchedule(**{**TINY, **schedule}),
     )
 
 
 def make_trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    options = {"accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1, "logger": False,
-               "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-               "enable_checkpointing": False, "default_root_dir": tmp_path, "max_epochs": 1, **kwargs}
+    options = {
+        "accelerator": "cpu",
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
+        "max_epochs": 1,
+        **kwargs,
+    }
     return L.Trainer(callbacks=callbacks, **options)
 
 
@@ -228,8 +243,12 @@ def test_paper_schedule_plan() -> None:
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"warm_lr": {"head": 1.0}}, "unknown parameter groups"), ({"last_layer_epochs": 0}, "out of range"),
-     ({"push_start": 60, "prune": True}, "no push happens"), ({"joint_lr": {}}, "at least one group")],
+    [
+        ({"warm_lr": {"head": 1.0}}, "unknown parameter groups"),
+        ({"last_layer_epochs": 0}, "out of range"),
+        ({"push_start": 60, "prune": True}, "no push happens"),
+        ({"joint_lr": {}}, "at least one group"),
+    ],
 )
 def test_schedule_rejects_bad_values(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -239,8 +258,10 @@ def test_schedule_rejects_bad_values(options: dict[str, Any], match: str) -> Non
 def watched(module: ProtoPNetModule) -> dict[str, torch.Tensor]:
     """A backbone weight and a batch-norm running mean, to see whether an epoch changed them."""
     norm = next(m for m in module.model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    return {"weight": next(module.model.backbone.parameters()).detach().clone(),
-            "bn": norm.running_mean.clone()}
+    return {
+        "weight": next(module.model.backbone.parameters()).detach().clone(),
+        "bn": norm.running_mean.clone(),
+    }
 
 
 class Spy(L.Callback):
@@ -256,7 +277,8 @@ class Spy(L.Callback):
     ) -> None:
         if idx == 0:
             self.epochs[trainer.current_epoch] = {
-                "phase": pl_module.phase, "revision": int(pl_module.model.revision),
+                "phase": pl_module.phase,
+                "revision": int(pl_module.model.revision),
                 "prototypes": pl_module.model.bank.vectors.detach().clone(),
             }
             self.at_start = watched(pl_module)
@@ -308,7 +330,8 @@ def test_resume_mid_schedule_resumes_the_right_phase(datamodule: DigitsDataModul
 
     before_push = resume(1)  # the push planned before epoch 2 happens after resuming
     assert {e: (r["phase"], r["revision"]) for e, r in before_push.epochs.items()} == {
-        2: ("last", 1), 3: ("joint", 1)
+        2: ("last", 1),
+        3: ("joint", 1),
     }
     torch.testing.assert_close(before_push.epochs[2]["prototypes"], straight.epochs[2]["prototypes"])
     after_push = resume(2)  # no second push: the pushed prototypes come from the checkpoint
@@ -352,14 +375,19 @@ def test_push_early_stopping_counts_pushes_without_improvement() -> None:
     module = SimpleNamespace(schedule=schedule)
     stopped = []
     for epoch, value in zip(ends, [0.5, 0.6, 0.55, 0.58], strict=True):
-        trainer = SimpleNamespace(sanity_checking=False, current_epoch=epoch, should_stop=False,
-                                  callback_metrics={"val/pushed_acc": torch.tensor(value)})
+        trainer = SimpleNamespace(
+            sanity_checking=False,
+            current_epoch=epoch,
+            should_stop=False,
+            callback_metrics={"val/pushed_acc": torch.tensor(value)},
+        )
         stopper.on_validation_end(trainer, module)
         stopped.append(trainer.should_stop)
     assert stopped == [False, False, False, True]
     assert stopper.state_dict() == {"best": pytest.approx(0.6), "wait": 2}
-    not_end = SimpleNamespace(sanity_checking=False, current_epoch=ends[0] - 1, should_stop=False,
-                              callback_metrics={})
+    not_end = SimpleNamespace(
+        sanity_checking=False, current_epoch=ends[0] - 1, should_stop=False, callback_metrics={}
+    )
     stopper.on_validation_end(not_end, module)  # mid-cycle epochs are ignored (and need no metric)
     assert not not_end.should_stop
     assert math.isinf(PushEarlyStopping().best)

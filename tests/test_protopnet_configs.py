@@ -19,8 +19,12 @@ from protolib.lit.checkpoint import build_module, load_module
 from protolib.lit.protopnet import ProtoPNetModule
 
 SHORT = [
-    "model.schedule.train_epochs=2", "model.schedule.warm_epochs=1", "model.schedule.push_start=1",
-    "model.schedule.last_layer_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+    "model.schedule.train_epochs=2",
+    "model.schedule.warm_epochs=1",
+    "model.schedule.push_start=1",
+    "model.schedule.last_layer_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
     "trainer.accelerator=cpu",
 ]
 

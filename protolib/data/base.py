@@ -74,8 +74,10 @@ class Pipeline:
         out = self.transform(wrapped)
         if not isinstance(out, dict) or "image" not in out:
             raise ValueError(f"train_transforms must return the dict they are given, got {type(out)}")
-        result = {key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
-                  for key, value in out.items()}
+        result = {
+            key: value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+            for key, value in out.items()
+        }
         if result["image"].shape != image.shape:
             raise ValueError(
                 f"train_transforms changed the image shape from {tuple(image.shape)} to "
@@ -205,8 +207,13 @@ class VisionDataModule(L.LightningDataModule):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        integers = {"image_size": (image_size, 1), "batch_size": (batch_size, 1),
-                    "num_workers": (num_workers, 0), "seed": (seed, 0), "num_views": (num_views, 1)}
+        integers = {
+            "image_size": (image_size, 1),
+            "batch_size": (batch_size, 1),
+            "num_workers": (num_workers, 0),
+            "seed": (seed, 0),
+            "num_views": (num_views, 1),
+        }
         for name, (value, low) in integers.items():
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -266,8 +273,10 @@ class VisionDataModule(L.LightningDataModule):
             train_idx, val_idx = stratified_split(splits.train.targets, self.val_fraction, self.seed)
             self._samples = {"train": (splits.train, train_idx), "val": (splits.train, val_idx)}
         else:
-            self._samples = {"train": (splits.train, np.arange(len(splits.train))),
-                             "val": (splits.val, np.arange(len(splits.val)))}
+            self._samples = {
+                "train": (splits.train, np.arange(len(splits.train))),
+                "val": (splits.val, np.arange(len(splits.val))),
+            }
         self._samples["test"] = (splits.test, np.arange(len(splits.test)))
         self._held_ids = held_ids
         self._pipeline = Pipeline(self.in_channels, self.mean, self.std)
@@ -291,7 +300,7 @@ class VisionDataModule(L.LightningDataModule):
         match = original[:, None] == torch.as_tensor(class_ids)[None, :]  # (N, K)
         keep = match.any(dim=1)
         if not bool(keep.any()):
-            selected = names[offset:offset + len(class_ids)]
+            selected = names[offset : offset + len(class_ids)]
             shown = f"{selected[:10]}{f' (and {len(selected) - 10} more)' if len(selected) > 10 else ''}"
             raise ValueError(
                 f"the {split} split has no samples of classes {shown}; choose other classes, "

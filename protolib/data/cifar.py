@@ -19,8 +19,10 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             batch = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise ValueError(f"cannot read CIFAR file {path}: {err}; the file is corrupt or truncated, "
-                         "download and extract the archive again") from err
+        raise ValueError(
+            f"cannot read CIFAR file {path}: {err}; the file is corrupt or truncated, "
+            "download and extract the archive again"
+        ) from err
     if not isinstance(batch, dict):
         raise ValueError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -66,16 +68,20 @@ class CIFARDataModule(VisionDataModule):
         data = np.asarray(_field(batch, "data", path))
         labels = np.asarray(_field(batch, self.labels_key, path), dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
-            raise ValueError(f"{path}: 'data' must be uint8 rows of 3072 values (32x32 RGB), "
-                             f"got {data.dtype} {data.shape}; the file is not a CIFAR batch")
+            raise ValueError(
+                f"{path}: 'data' must be uint8 rows of 3072 values (32x32 RGB), "
+                f"got {data.dtype} {data.shape}; the file is not a CIFAR batch"
+            )
         if len(labels) != len(data):
             raise ValueError(f"{path} has {len(data)} images but {len(labels)} labels; the file is corrupt")
         return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
     def load_splits(self) -> SplitSources:
         meta_path = self._require(self.meta_file)
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in _field(_load_pickle(meta_path), self.names_key, meta_path)]
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n)
+            for n in _field(_load_pickle(meta_path), self.names_key, meta_path)
+        ]
         parts = [self._read(name) for name in self.train_files]
         train_images = torch.cat([images for images, _ in parts])
         train_labels = torch.cat([labels for _, labels in parts])

@@ -17,8 +17,10 @@ import torch
 from protolib.data.base import SplitSources, VisionDataModule
 from protolib.data.sources import ImageSource, open_image, pil_to_tensor, require_file, visible_part_locs
 
-HINT = ("Download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158, extract it and set "
-        "root to the CUB_200_2011 folder.")
+HINT = (
+    "Download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158, extract it and set "
+    "root to the CUB_200_2011 folder."
+)
 
 
 def read_rows(path: Path, columns: int) -> list[list[str]]:
@@ -79,8 +81,10 @@ class CUBSource(ImageSource):
             x, y, w, h = self.boxes[i].tolist()
             x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
             if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"bounding box {[x, y, w, h]} of {self.paths[i]} lies outside the "
-                                 f"{width}x{height} image; fix bounding_boxes.txt or set crop=False")
+                raise ValueError(
+                    f"bounding box {[x, y, w, h]} of {self.paths[i]} lies outside the "
+                    f"{width}x{height} image; fix bounding_boxes.txt or set crop=False"
+                )
         size = self.image_size
         item = {"image": pil_to_tensor(pil, size, box=(x0, y0, x1, y1))}  # (3, S, S)
         if self.part_locs is not None:
@@ -147,8 +151,13 @@ class CUBDataModule(VisionDataModule):
 
         def source(mask: np.ndarray) -> CUBSource:
             rows = np.flatnonzero(mask)
-            return CUBSource([paths[r] for r in rows], labels[rows], self.image_size,
-                             None if boxes is None else boxes[rows], None if locs is None else locs[rows])
+            return CUBSource(
+                [paths[r] for r in rows],
+                labels[rows],
+                self.image_size,
+                None if boxes is None else boxes[rows],
+                None if locs is None else locs[rows],
+            )
 
         return SplitSources(source(is_train), None, source(~is_train), names)
 
@@ -161,8 +170,10 @@ class CUBDataModule(VisionDataModule):
         bad = np.flatnonzero((rows < 0) | (parts < 0) | (parts >= len(self.part_names)))
         if len(bad):
             image_id, part_id = table[bad[0], :2].astype(np.int64)
-            raise ValueError(f"{path} refers to image {image_id} / part {part_id}, which images.txt / "
-                             f"parts/parts.txt do not list")
+            raise ValueError(
+                f"{path} refers to image {image_id} / part {part_id}, which images.txt / "
+                f"parts/parts.txt do not list"
+            )
         locs = np.zeros((len(ids), len(self.part_names), 3))
         locs[rows, parts] = table[:, 2:]
         return torch.from_numpy(locs)

@@ -17,11 +17,16 @@ def scan_classes(folder: Path) -> dict[str, list[Path]]:
     """Class name -> sorted image files (any depth) in each subfolder of ``folder``, hidden ones skipped."""
     classes = {}
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        )
         if not files:
-            raise ValueError(f"class folder {class_dir} holds no images "
-                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
+            raise ValueError(
+                f"class folder {class_dir} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            )
         classes[class_dir.name] = files
     if not classes:
         raise ValueError(f"{folder} has no class subfolders; {LAYOUT}")
@@ -62,8 +67,10 @@ class ImageFolderDataModule(VisionDataModule):
     def _source(self, classes: dict[str, list[Path]], names: list[str], folder: Path) -> ImageFileSource:
         unknown = sorted(set(classes) - set(names))
         if unknown:
-            raise ValueError(f"{folder} has class folders {unknown} that the training folder lacks; "
-                             f"training classes are {names}")
+            raise ValueError(
+                f"{folder} has class folders {unknown} that the training folder lacks; "
+                f"training classes are {names}"
+            )
         paths = [path for name in classes for path in classes[name]]
         label_of = {name: label for label, name in enumerate(names)}
         labels = [label_of[name] for name in classes for _ in classes[name]]
@@ -90,4 +97,3 @@ class ImageFolderDataModule(VisionDataModule):
                 for idx in (train_idx, test_idx)
             )
         return SplitSources(train, val, test, names)
-

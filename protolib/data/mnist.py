@@ -27,17 +27,21 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         raise ValueError(f"cannot read {path}: {err}; the file is corrupt or truncated") from err
     magic = bytes([0, 0, UBYTE, ndim])
     if data[:4] != magic:
-        raise ValueError(f"{path} starts with bytes {data[:4].hex()} but an idx file of {ndim}-d unsigned "
-                         f"bytes starts with {magic.hex()}; is it the right idx file (images vs labels)?")
+        raise ValueError(
+            f"{path} starts with bytes {data[:4].hex()} but an idx file of {ndim}-d unsigned "
+            f"bytes starts with {magic.hex()}; is it the right idx file (images vs labels)?"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{path} is truncated inside its header; download it again")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = math.prod(dims)
     if len(data) - header != expected:
         state = "truncated" if len(data) - header < expected else "longer than its header says"
-        raise ValueError(f"{path} is {state}: header {dims} needs {expected} bytes of data, found "
-                         f"{len(data) - header}; download it again")
+        raise ValueError(
+            f"{path} is {state}: header {dims} needs {expected} bytes of data, found "
+            f"{len(data) - header}; download it again"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -83,8 +87,18 @@ class MNISTDataModule(VisionDataModule):
 class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST: the same idx files and layout as MNIST, with clothing classes."""
 
-    label_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    label_names = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
     source_hint = "Download the four files from https://github.com/zalandoresearch/fashion-mnist into"
     default_mean = (0.2860,)
     default_std = (0.3530,)

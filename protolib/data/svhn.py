@@ -20,15 +20,19 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         mat = scipy.io.loadmat(path)
     except (ValueError, TypeError, OSError, EOFError, NotImplementedError) as err:
-        raise ValueError(f"cannot read SVHN file {path}: {err}; the file is corrupt or truncated, "
-                         f"download it again from {URL}") from err
+        raise ValueError(
+            f"cannot read SVHN file {path}: {err}; the file is corrupt or truncated, "
+            f"download it again from {URL}"
+        ) from err
     for key in ("X", "y"):
         if key not in mat:
             raise ValueError(f"{path} has no {key!r} array; is it an SVHN *_32x32.mat file?")
     images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3):
-        raise ValueError(f"{path}: X must have shape (32, 32, 3, N), got {images.shape}; "
-                         "only the cropped-digits format (*_32x32.mat) is supported")
+        raise ValueError(
+            f"{path}: X must have shape (32, 32, 3, N), got {images.shape}; "
+            "only the cropped-digits format (*_32x32.mat) is supported"
+        )
     if len(labels) != images.shape[3]:
         raise ValueError(f"{path} has {images.shape[3]} images but {len(labels)} labels; the file is corrupt")
     if len(labels) and not (labels.min() >= 0 and labels.max() <= 10):

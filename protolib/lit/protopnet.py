@@ -94,8 +94,12 @@ class ProtoPNetModule(ClassifierModule):
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, terms = self.loss(
-            outputs["logits"], outputs["min_distances"], batch["label"], self.model.owners,
-            self.model.last_layer.weight, self.model.max_distance,
+            outputs["logits"],
+            outputs["min_distances"],
+            batch["label"],
+            self.model.owners,
+            self.model.last_layer.weight,
+            self.model.max_distance,
         )
         return total, {name: value.detach() for name, value in terms.items()}
 
@@ -112,8 +116,12 @@ class ProtoPNetModule(ClassifierModule):
         """One named group per part, learning rates of the first planned epoch (the schedule resets them)."""
         lrs = self.schedule.learning_rates(self.schedule.plan()[0])
         return [
-            {"name": name, "params": params, "lr": lrs.get(name, 0.0),
-             "weight_decay": self.schedule.weight_decay.get(name, 0.0)}
+            {
+                "name": name,
+                "params": params,
+                "lr": lrs.get(name, 0.0),
+                "weight_decay": self.schedule.weight_decay.get(name, 0.0),
+            }
             for name, params in self._group_parameters().items()
         ]
 
@@ -155,16 +163,32 @@ class ProtoPNetModule(ClassifierModule):
         report = self.model.push(loader, step=self.global_step, percentile=self.schedule.push_percentile)
         duplicates = int(report.duplicates.sum())
         mean_distance = report.distances.mean().item()
-        self.log_dict({"push/seconds": report.seconds, "push/duplicates": float(duplicates),
-                       "push/mean_distance": mean_distance}, sync_dist=True)
-        log.info("push at epoch %d: %d prototypes in %.2f s, mean distance %.4f, %d duplicates",
-                 self.current_epoch, len(report.distances), report.seconds, mean_distance, duplicates)
+        self.log_dict(
+            {
+                "push/seconds": report.seconds,
+                "push/duplicates": float(duplicates),
+                "push/mean_distance": mean_distance,
+            },
+            sync_dist=True,
+        )
+        log.info(
+            "push at epoch %d: %d prototypes in %.2f s, mean distance %.4f, %d duplicates",
+            self.current_epoch,
+            len(report.distances),
+            report.seconds,
+            mean_distance,
+            duplicates,
+        )
         return report
 
     def prune_prototypes(self, loader: DataLoader) -> torch.Tensor:
         """The paper's pruning with the schedule's k and threshold; returns the removed prototypes' ids."""
         removed = self.model.prune(loader, k=self.schedule.prune_k, threshold=self.schedule.prune_threshold)
         self.log("prune/removed", float(len(removed)), sync_dist=True)
-        log.info("pruning at epoch %d removed %d prototypes: %s", self.current_epoch, len(removed),
-                 removed.tolist()[:50])
+        log.info(
+            "pruning at epoch %d removed %d prototypes: %s",
+            self.current_epoch,
+            len(removed),
+            removed.tolist()[:50],
+        )
         return removed

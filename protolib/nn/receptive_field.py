@@ -48,8 +48,14 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _apply_layer(axes: tuple[_Axis, _Axis], kernel: Any, stride: Any, padding: Any, dilation: Any = 1,
-                 ceil_mode: bool = False) -> tuple[_Axis, _Axis]:
+def _apply_layer(
+    axes: tuple[_Axis, _Axis],
+    kernel: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+) -> tuple[_Axis, _Axis]:
     """Receptive field after one convolution or pooling window (per axis)."""
     kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
     out = []
@@ -64,12 +70,14 @@ def _apply_layer(axes: tuple[_Axis, _Axis], kernel: Any, stride: Any, padding: A
             pad_total = 2 * pad_left
         rounding = math.ceil if ceil_mode else math.floor
         n_out = rounding((n + pad_total - k_eff) / stride[axis]) + 1
-        out.append((
-            jump * stride[axis],
-            size + (k_eff - 1) * jump,
-            start + ((k_eff - 1) / 2 - pad_left) * jump,
-            n_out,
-        ))
+        out.append(
+            (
+                jump * stride[axis],
+                size + (k_eff - 1) * jump,
+                start + ((k_eff - 1) / 2 - pad_left) * jump,
+                n_out,
+            )
+        )
     return out[0], out[1]
 
 
@@ -89,8 +97,16 @@ def _union(fields: list[tuple[_Axis, _Axis]], where: str) -> tuple[_Axis, _Axis]
     return out[0], out[1]
 
 
-_SPATIAL_UNSUPPORTED = (nn.ConvTranspose2d, nn.Upsample, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                        nn.Unfold, nn.Fold, nn.PixelShuffle, nn.PixelUnshuffle)
+_SPATIAL_UNSUPPORTED = (
+    nn.ConvTranspose2d,
+    nn.Upsample,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Unfold,
+    nn.Fold,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+)
 
 
 def receptive_field(
@@ -131,16 +147,34 @@ def receptive_field(
                 kind = type(module).__name__
                 raise ValueError(f"receptive field: layer {node.target} ({kind}) is not supported")
             if isinstance(module, nn.Conv2d):
-                field = _apply_layer(field, module.kernel_size, module.stride, module.padding,
-                                     module.dilation)
+                field = _apply_layer(
+                    field, module.kernel_size, module.stride, module.padding, module.dilation
+                )
             elif isinstance(module, nn.MaxPool2d):
-                field = _apply_layer(field, module.kernel_size, module.stride or module.kernel_size,
-                                     module.padding, module.dilation, module.ceil_mode)
+                field = _apply_layer(
+                    field,
+                    module.kernel_size,
+                    module.stride or module.kernel_size,
+                    module.padding,
+                    module.dilation,
+                    module.ceil_mode,
+                )
             elif isinstance(module, nn.AvgPool2d):
-                field = _apply_layer(field, module.kernel_size, module.stride or module.kernel_size,
-                                     module.padding, 1, module.ceil_mode)
-        elif node.op == "call_function" and node.target in (F.conv2d, F.max_pool2d, F.avg_pool2d,
-                                                             F.interpolate, F.adaptive_avg_pool2d):
+                field = _apply_layer(
+                    field,
+                    module.kernel_size,
+                    module.stride or module.kernel_size,
+                    module.padding,
+                    1,
+                    module.ceil_mode,
+                )
+        elif node.op == "call_function" and node.target in (
+            F.conv2d,
+            F.max_pool2d,
+            F.avg_pool2d,
+            F.interpolate,
+            F.adaptive_avg_pool2d,
+        ):
             raise ValueError(f"receptive field: functional call {node.name} is not supported; use nn modules")
         fields[node] = field
     if result is None:

@@ -168,9 +168,15 @@ class ProtoPNetTraining(L.Callback):
         pushes = self.schedule.push_epochs()
         log.info(
             "ProtoPNet schedule: %d epochs (%d warm-up, %d joint, pushes after epochs %s with %d last-layer "
-            "epochs each%s); trainer.max_epochs=%s replaced by %d", len(self.plan), self.schedule.warm_epochs,
-            self.schedule.train_epochs - self.schedule.warm_epochs, pushes, self.schedule.last_layer_epochs,
-            ", then pruning" if self.schedule.prune else "", trainer.fit_loop.max_epochs, len(self.plan),
+            "epochs each%s); trainer.max_epochs=%s replaced by %d",
+            len(self.plan),
+            self.schedule.warm_epochs,
+            self.schedule.train_epochs - self.schedule.warm_epochs,
+            pushes,
+            self.schedule.last_layer_epochs,
+            ", then pruning" if self.schedule.prune else "",
+            trainer.fit_loop.max_epochs,
+            len(self.plan),
         )
         trainer.fit_loop.max_epochs = len(self.plan)
 
@@ -223,8 +229,13 @@ class PushEarlyStopping(L.Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            log.info("early stopping at epoch %d: %s has not improved on %.4f for %d pushes",
-                     trainer.current_epoch, self.monitor, self.best, self.wait)
+            log.info(
+                "early stopping at epoch %d: %s has not improved on %.4f for %d pushes",
+                trainer.current_epoch,
+                self.monitor,
+                self.best,
+                self.wait,
+            )
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
