@@ -182,11 +182,18 @@ def receptive_field(
 
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad():
-        probe = next(backbone.parameters(), torch.empty(0))
-        probe_images = torch.zeros(1, in_chans, height, width, device=probe.device, dtype=probe.dtype)
-        feature_map = backbone(probe_images)
-    backbone.train(was_training)
+    try:
+        with torch.no_grad():
+            probe = next(backbone.parameters(), torch.empty(0))
+            probe_images = torch.zeros(1, in_chans, height, width, device=probe.device, dtype=probe.dtype)
+            feature_map = backbone(probe_images)
+    except RuntimeError as error:
+        raise ValueError(
+            f"backbone {type(backbone).__name__} cannot take {height}x{width} images ({error}); "
+            "raise data.image_size or use a backbone with a smaller stride"
+        ) from error
+    finally:
+        backbone.train(was_training)
     feature_size = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
     if feature_size != (result[0][3], result[1][3]):
         raise ValueError(
