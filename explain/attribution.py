@@ -17,9 +17,9 @@ import torch
 from captum.attr import IntegratedGradients
 from matplotlib.figure import Figure
 
-from explain.local import evaluating
 from protolib.models.protopnet import ProtoPNet
 from protolib.utils.io import atomic_savefig
+from protolib.utils.modes import evaluating
 
 
 @dataclass

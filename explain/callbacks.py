@@ -10,6 +10,7 @@ import lightning as L
 
 from explain.prototypes import render_prototypes
 from protolib.lit.callbacks.protopnet import push_loader
+from protolib.utils.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ class PrototypePictures(L.Callback):
             return
         datamodule = trainer.datamodule
         out_dir = Path(trainer.default_root_dir) / self.dirname / f"epoch-{trainer.current_epoch:03d}"
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with evaluating(pl_module):
             written = render_prototypes(
                 pl_module.model,
                 push_loader(trainer).dataset,
@@ -47,8 +46,6 @@ class PrototypePictures(L.Callback):
                 class_names=getattr(datamodule, "class_names", None),
                 classes_per_page=self.classes_per_page,
             )
-        finally:
-            pl_module.train(was_training)
         log.info("wrote %d prototype pictures to %s", len(written), out_dir)
 
     def state_dict(self) -> dict[str, Any]:

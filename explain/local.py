@@ -10,8 +10,7 @@ its high-activation box, by the same percentile rule push uses) next to the trai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 
 from explain.prototypes import (
@@ -33,17 +31,7 @@ from explain.prototypes import (
 )
 from protolib.models.protopnet import ProtoPNet, fetch_images, high_activation_boxes, upsample_maps
 from protolib.utils.io import atomic_savefig
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (batch-norm statistics fixed) for the block, then restore its mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+from protolib.utils.modes import evaluating
 
 
 @dataclass

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from protolib.lit.checkpoint import AtomicCheckpointIO, build_module
 from protolib.utils.io import atomic_write_json, atomic_write_text
+from protolib.utils.modes import evaluating
 from protolib.utils.plots import plot_confusion_matrix
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,15 @@ def validate_trainer_config(cfg: DictConfig) -> None:
 def check_model_accepts_data(module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
     """Run one validation batch through the model so shape mismatches fail now, with names, not mid-epoch."""
     batch = next(iter(datamodule.val_dataloader()))
-    was_training = module.training
-    module.eval()
     try:
-        with torch.no_grad():
+        with evaluating(module), torch.no_grad():
             logits = module.extract(batch["image"])["logits"]
-    except Exception as error:
+    except RuntimeError as error:  # torch's shape errors; anything else is not a data mismatch
         raise ValueError(
             f"model {type(module).__name__} cannot process a batch of {type(datamodule).__name__} "
             f"(images {tuple(batch['image'].shape)}): {error}. Check data.image_size against the backbone's "
             "stride and the model's in_channels"
         ) from error
-    finally:
-        module.train(was_training)
     if logits.shape[-1] != datamodule.num_classes:
         raise ValueError(
             f"model outputs {logits.shape[-1]} logits but the data has {datamodule.num_classes} classes"

@@ -24,6 +24,7 @@ from protolib.nn.backbones import build_backbone
 from protolib.nn.prototype_layer import PrototypeActivations, PrototypeLayer
 from protolib.nn.receptive_field import ReceptiveField, receptive_field
 from protolib.nn.similarity import L2Similarity
+from protolib.utils.modes import evaluating
 
 
 @dataclass
@@ -274,11 +275,9 @@ class ProtoPNet(nn.Module):
         collapse onto the same patch.
         """
         check_push_loader(loader)
-        was_training = self.training
-        self.eval()
-        start = time.perf_counter()
-        counts = torch.zeros(self.num_classes, dtype=torch.long)
-        try:
+        with evaluating(self):
+            start = time.perf_counter()
+            counts = torch.zeros(self.num_classes, dtype=torch.long)
             batches = self._embed_batches(loader, counts)
             result = self.bank.nearest_per_prototype(batches, restrict_to_owner=True)
             per_class = torch.bincount(self.owners.cpu(), minlength=self.num_classes)
@@ -294,8 +293,6 @@ class ProtoPNet(nn.Module):
             self.bank.project(result, rf_boxes=rf_boxes, step=step)
             self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
             self.revision += 1
-        finally:
-            self.train(was_training)
         duplicates = self.duplicate_counts()
         if warn and duplicates.any():
             collapsed = {c: int(n) for c, n in enumerate(duplicates.tolist()) if n}
@@ -332,21 +329,17 @@ class ProtoPNet(nn.Module):
     def nearest_image_labels(self, loader: DataLoader, k: int) -> torch.Tensor:
         """(P, k) labels of the ``k`` training images whose nearest patch is closest to each prototype."""
         check_push_loader(loader)
-        was_training = self.training
-        self.eval()
-        device = self.last_layer.weight.device
-        p = self.bank.num_prototypes
-        best = torch.full((p, 0), float("inf"), device=device)  # (P, <=k) distances, ascending
-        labels = torch.empty((p, 0), dtype=torch.long, device=device)
-        try:
+        with evaluating(self):
+            device = self.last_layer.weight.device
+            p = self.bank.num_prototypes
+            best = torch.full((p, 0), float("inf"), device=device)  # (P, <=k) distances, ascending
+            labels = torch.empty((p, 0), dtype=torch.long, device=device)
             for batch in loader:
                 distances = self(batch["image"].to(device)).min_distances.T  # (P, B)
                 candidates = torch.cat([best, distances], dim=1)
                 candidate_labels = torch.cat([labels, batch["label"].to(device).expand(p, -1)], dim=1)
                 best, order = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)
                 labels = candidate_labels.gather(1, order)
-        finally:
-            self.train(was_training)
         if labels.shape[1] < k:
             raise ValueError(f"pruning with k={k} needs at least {k} push images, got {labels.shape[1]}")
         return labels

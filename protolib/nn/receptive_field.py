@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from protolib.utils.modes import evaluating
+
 _Axis = tuple[float, float, float, int]  # (jump, size, start, n): per image axis, in input pixels
 
 
@@ -180,20 +182,16 @@ def receptive_field(
     if result is None:
         raise ValueError(f"backbone {type(backbone).__name__} has no traced output depending on its input")
 
-    was_training = backbone.training
-    backbone.eval()
+    probe = next(backbone.parameters(), torch.empty(0))
+    probe_images = torch.zeros(1, in_chans, height, width, device=probe.device, dtype=probe.dtype)
     try:
-        with torch.no_grad():
-            probe = next(backbone.parameters(), torch.empty(0))
-            probe_images = torch.zeros(1, in_chans, height, width, device=probe.device, dtype=probe.dtype)
+        with evaluating(backbone), torch.no_grad():
             feature_map = backbone(probe_images)
     except RuntimeError as error:
         raise ValueError(
             f"backbone {type(backbone).__name__} cannot take {height}x{width} images ({error}); "
             "raise data.image_size or use a backbone with a smaller stride"
         ) from error
-    finally:
-        backbone.train(was_training)
     feature_size = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
     if feature_size != (result[0][3], result[1][3]):
         raise ValueError(

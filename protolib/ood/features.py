@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from protolib.utils.io import atomic_torch_save
+from protolib.utils.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ def iter_extracted(
     model: nn.Module, loader: Iterable[Mapping[str, Any]], desc: str | None = None
 ) -> Iterator[Features]:
     """Yield extracted features (with "label" when batches have one) batch by batch; bounded memory."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in tqdm(loader, desc=desc, disable=desc is None, leave=False):
             if "image" not in batch:
                 raise ValueError(f"batches must be dicts with an 'image' entry, got keys {sorted(batch)}")
@@ -59,8 +58,6 @@ def iter_extracted(
             if "label" in batch:
                 features["label"] = torch.as_tensor(batch["label"]).long().cpu()
             yield features
-    finally:
-        model.train(was_training)
 
 
 def concat_features(chunks: Iterable[Features]) -> Features:

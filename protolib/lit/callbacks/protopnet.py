@@ -163,6 +163,11 @@ class ProtoPNetTraining(L.Callback):
         self.plan = schedule.plan()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.schedule.prune and trainer.world_size > 1:
+            raise ValueError(
+                "schedule.prune removes prototypes, which changes parameter shapes under a DDP wrapper that "
+                "cannot follow; prune on one device (trainer=default), or set model.schedule.prune=false"
+            )
         if stage != "fit" or trainer.fit_loop.max_epochs == len(self.plan):
             return
         pushes = self.schedule.push_epochs()
