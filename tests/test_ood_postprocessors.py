@@ -287,6 +287,10 @@ def test_prototype_and_palm_scores() -> None:
     # equal prototypes per class: the same ranking as max_c logsumexp (a constant log K apart)
     lse = np.stack([logsumexp(z @ p[owners.numpy() == c].T / 0.1, axis=1) for c in range(3)], 1).max(axis=1)
     np.testing.assert_allclose(palm.numpy() + np.log(3), lse, rtol=1e-5)
+    with pytest.raises(ValueError, match="prototype_temperature"):
+        PALMScore().score(model, batch)
+    model.prototype_temperature = 0.1  # the model's own temperature is the default
+    np.testing.assert_allclose(PALMScore().score(model, batch), palm, rtol=1e-6)
     with pytest.raises(ValueError, match="prototype_bank"):
         PALMScore().check(TinyModel(), ["embedding"])
 

@@ -106,6 +106,11 @@ class PALMModule(ClassifierModule):
     def prototype_bank(self) -> torch.nn.Module:  # type: ignore[override]
         return self.net.bank
 
+    @property
+    def prototype_temperature(self) -> float:
+        """The temperature of the similarity logits z.p / t, for the OOD suite's ``palm`` score."""
+        return self.net.temperature
+
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net.extract(images)
 

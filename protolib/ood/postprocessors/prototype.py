@@ -41,8 +41,8 @@ class PALMScore(Postprocessor):
     """PALM's mixture score: max over classes of the class's mixture log-likelihood of the embedding.
 
     Uses the unit "embedding" of ``extract()`` and the model's cosine ``prototype_bank`` (several prototypes
-    per class, ``owners`` = class): ``max_c log mean_{k in c} exp(z . p_k / t)``, t = 0.1 as PALM's training
-    temperature. With the same number of prototypes per class this ranks samples exactly as
+    per class, ``owners`` = class): ``max_c log mean_{k in c} exp(z . p_k / t)``, t = the model's training
+    temperature unless set. With the same number of prototypes per class this ranks samples exactly as
     ``max_c logsumexp_k`` does. PALM's published numbers use a Mahalanobis score instead
     (configs ``palm_ssd`` and ``palm_mds``).
     """
@@ -50,10 +50,18 @@ class PALMScore(Postprocessor):
     name = "palm"
     requires = ("embedding",)
 
-    def __init__(self, temperature: float = 0.1) -> None:
-        if temperature <= 0:
+    def __init__(self, temperature: float | None = None) -> None:
+        if temperature is not None and temperature <= 0:
             raise ValueError(f"palm temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = temperature  # None: the model's own ``prototype_temperature`` (PALM: 0.1)
+
+    def _temperature(self, model: nn.Module) -> float:
+        temperature = self.temperature or getattr(model, "prototype_temperature", None)
+        if temperature is None:
+            raise ValueError(
+                f"{type(model).__name__} has no prototype_temperature; set postprocessors.palm.temperature"
+            )
+        return float(temperature)
 
     def check(self, model: nn.Module, keys: Collection[str]) -> None:
         super().check(model, keys)
@@ -73,4 +81,4 @@ class PALMScore(Postprocessor):
             raise ValueError(
                 f"embedding dimension {z.shape[1]} differs from the prototype dimension {prototypes.shape[1]}"
             )
-        return palm_log_likelihood(z, prototypes, owners, self.temperature).amax(dim=1)
+        return palm_log_likelihood(z, prototypes, owners, self._temperature(model)).amax(dim=1)
