@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from protolib.utils.config import instantiate_accepting
 from protolib.utils.io import atomic_torch_save
 
 
 def build_module(model_config: Any, build_args: dict[str, Any]) -> L.LightningModule:
     """Instantiate ``model_config`` passing the data-dependent ``build_args`` its constructor accepts."""
-    target = get_class(model_config["_target_"])
-    parameters = inspect.signature(target.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    accepted = {k: v for k, v in build_args.items() if takes_any or k in parameters}
-    try:
-        return instantiate(model_config, **accepted)
-    except InstantiationException as error:
-        # Surface the model's own ValueError/FileNotFoundError (it names the fix) rather than Hydra's wrapper.
-        if isinstance(error.__cause__, ValueError | FileNotFoundError):
-            raise error.__cause__ from error
-        raise
+    return instantiate_accepting(model_config, **build_args)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:

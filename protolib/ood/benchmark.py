@@ -15,18 +15,18 @@ Every set is built before any feature is extracted; all missing files are report
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
 from protolib.ood.datasets import InDistributionFormat
+from protolib.utils.config import instantiate_accepting
 
 T = TypeVar("T")
 GROUPS = ("near", "far")
@@ -70,16 +70,6 @@ def to_container(config: Any) -> Any:
     if isinstance(config, DictConfig) or OmegaConf.is_config(config):
         return OmegaConf.to_container(config, resolve=True)
     return config
-
-
-def instantiate_with_format(spec: Mapping[str, Any], **format_args: Any) -> Any:
-    """Instantiate ``spec`` passing those of ``format_args`` (in_channels, image_size) its constructor accepts
-    and the spec does not set itself."""
-    target = get_class(spec["_target_"])
-    parameters = inspect.signature(target.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    extra = {k: v for k, v in format_args.items() if (takes_any or k in parameters) and k not in spec}
-    return instantiate(spec, **extra)
 
 
 def missing_file(error: BaseException) -> FileNotFoundError | None:
@@ -193,7 +183,7 @@ def build_benchmark(
             dataset = missing.attempt(
                 f"ID {split}",
                 lambda spec=spec: InDistributionFormat(
-                    instantiate_with_format(spec, **fmt), **fmt, mean=mean, std=std, keep_labels=True
+                    instantiate_accepting(spec, **fmt), **fmt, mean=mean, std=std, keep_labels=True
                 ),
             )
             if dataset is not None:
@@ -259,7 +249,7 @@ def build_ood_set(
     if kinds[0] == "held_out":
         return id_datamodule.held_out_dataset(spec["held_out"])  # same datamodule: already in the ID format
     if kinds[0] == "datamodule":
-        datamodule = instantiate_with_format(spec["datamodule"], **fmt)
+        datamodule = instantiate_accepting(spec["datamodule"], **fmt)
         datamodule.prepare_data()
         datamodule.setup("fit")
         split = spec.get("split", "test")
@@ -271,4 +261,4 @@ def build_ood_set(
         return InDistributionFormat(
             dataset, **fmt, mean=mean, std=std, source_mean=datamodule.mean, source_std=datamodule.std
         )
-    return InDistributionFormat(instantiate_with_format(spec["dataset"], **fmt), **fmt, mean=mean, std=std)
+    return InDistributionFormat(instantiate_accepting(spec["dataset"], **fmt), **fmt, mean=mean, std=std)
