@@ -105,7 +105,14 @@ class ClassifierModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        scheduler = {"scheduler": self.build_scheduler(optimizer), "interval": self.scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    scheduler_interval = "epoch"  # when Lightning steps the scheduler: "epoch" or "step"
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The learning-rate scheduler from the configured factory; subclasses may pass more arguments."""
+        return self.scheduler_factory(optimizer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.build_config is not None:

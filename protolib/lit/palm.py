@@ -157,13 +157,7 @@ class PALMModule(ClassifierModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is None:
-            raise ValueError("PALMModule has no optimizer: set model.optimizer in the config")
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    scheduler_interval = "step"  # the reference's warm-up + cosine schedule moves every batch
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        return self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
