@@ -9,23 +9,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from config_helpers import compose_config
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from sklearn.metrics import roc_auc_score
 
-from protolib.cli.train import CONFIG_DIR, run
+from protolib.cli.train import run
 from protolib.lit.checkpoint import build_module, load_module
 from protolib.lit.palm import PALMModule
 from protolib.ood.features import extract_features
 from protolib.ood.postprocessors import Mahalanobis
 
 FAST = ["trainer.max_epochs=4", "trainer.accelerator=cpu", "data.image_size=16"]
-
-
-def compose_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
 
 
 def held_out_auroc(module: L.LightningModule, datamodule: L.LightningDataModule) -> float:

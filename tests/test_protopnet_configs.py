@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from config_helpers import compose_config
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from explain.__main__ import main as explain_cli
-from protolib.cli.train import CONFIG_DIR, run
+from protolib.cli.train import run
 from protolib.lit.checkpoint import build_module, load_module
 from protolib.lit.protopnet import ProtoPNetModule
 
@@ -27,11 +26,6 @@ SHORT = [
     "trainer.limit_val_batches=2",
     "trainer.accelerator=cpu",
 ]
-
-
-def compose_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
 
 
 def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from config_helpers import compose_config
 from hydra.errors import ConfigCompositionException
-from omegaconf import DictConfig
 
-from protolib.cli.train import CONFIG_DIR, run
+from protolib.cli.train import run
 from protolib.lit.checkpoint import load_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +22,6 @@ FAST = [
     "trainer.limit_val_batches=2",
     "trainer.accelerator=cpu",
 ]
-
-
-def compose_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
 
 
 def test_baseline_run_writes_metrics_config_checkpoint_and_picture(tmp_path: Path) -> None:
