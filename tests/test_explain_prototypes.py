@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from protopnet_helpers import PER_CLASS, make_module, tiny_digits
 
 from explain.callbacks import PrototypePictures
 from explain.prototypes import (
@@ -22,33 +22,11 @@ from explain.prototypes import (
     render_prototypes,
 )
 from protolib.data.digits import DigitsDataModule
-from protolib.lit.callbacks.protopnet import ProtoPNetSchedule
-from protolib.lit.protopnet import ProtoPNetModule
-
-PER_CLASS = 2
 
 
 @pytest.fixture(scope="module")
 def datamodule() -> DigitsDataModule:
-    dm = DigitsDataModule(image_size=16, batch_size=32, classes=[0, 1, 2], seed=0)
-    dm.setup("fit")
-    return dm
-
-
-def make_module() -> ProtoPNetModule:
-    torch.manual_seed(0)
-    schedule = ProtoPNetSchedule(
-        train_epochs=3, warm_epochs=1, push_start=1, push_every=2, last_layer_epochs=1
-    )
-    return ProtoPNetModule(
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        backbone="small_cnn",
-        prototypes_per_class=PER_CLASS,
-        prototype_dim=8,
-        schedule=schedule,
-    )
+    return tiny_digits()
 
 
 def test_render_writes_one_picture_per_prototype_gallery_and_provenance(

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from protopnet_helpers import PER_CLASS, make_module, tiny_digits
 from torch.utils.data import DataLoader, Dataset
 
 from protolib.data.digits import DigitsDataModule
@@ -18,29 +19,10 @@ from protolib.lit.callbacks.protopnet import EpochPlan, ProtoPNetSchedule, PushE
 from protolib.lit.protopnet import ProtoPNetModule
 from protolib.models.protopnet import ProtoPNet, fetch_images
 
-PER_CLASS = 2
-TINY = {"train_epochs": 3, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_epochs": 1}
-# epochs: 0 warm, 1 joint, 2 push + last layer, 3 joint
-
 
 @pytest.fixture(scope="module")
 def datamodule() -> DigitsDataModule:
-    dm = DigitsDataModule(image_size=16, batch_size=32, classes=[0, 1, 2], seed=0)
-    dm.setup("fit")
-    return dm
-
-
-def make_module(**schedule: Any) -> ProtoPNetModule:
-    torch.manual_seed(0)
-    return ProtoPNetModule(
-        num_classes=3,
-        in_channels=1,
-        image_size=16,
-        backbone="small_cnn",
-        prototypes_per_class=PER_CLASS,
-        prototype_dim=8,
-        schedule=ProtoPNetSchedule(**{**TINY, **schedule}),
-    )
+    return tiny_digits()
 
 
 def make_trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:

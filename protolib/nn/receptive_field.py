@@ -152,22 +152,13 @@ def receptive_field(
                 field = _apply_layer(
                     field, module.kernel_size, module.stride, module.padding, module.dilation
                 )
-            elif isinstance(module, nn.MaxPool2d):
+            elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
                 field = _apply_layer(
                     field,
                     module.kernel_size,
                     module.stride or module.kernel_size,
                     module.padding,
-                    module.dilation,
-                    module.ceil_mode,
-                )
-            elif isinstance(module, nn.AvgPool2d):
-                field = _apply_layer(
-                    field,
-                    module.kernel_size,
-                    module.stride or module.kernel_size,
-                    module.padding,
-                    1,
+                    getattr(module, "dilation", 1),  # average pooling has no dilation
                     module.ceil_mode,
                 )
         elif node.op == "call_function" and node.target in (
