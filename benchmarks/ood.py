@@ -24,7 +24,8 @@ import faiss
 import torch
 from torch import nn
 
-from protolib.lit.baseline import BaselineClassifier
+from protolib.lit.classifier import ClassifierModule
+from protolib.models.baseline import BaselineNet
 from protolib.ood.features import extract_features
 from protolib.ood.metrics import ood_metrics
 from protolib.ood.postprocessors import (
@@ -111,7 +112,8 @@ def bench_extraction(images: int, device: torch.device) -> list[dict]:
     print(f"extraction: {images:,} random 3x32x32 images, batches of 256, on {device}")
     rows = []
     for backbone in ("small_cnn", "resnet18"):
-        model = BaselineClassifier(num_classes=10, in_channels=3, backbone=backbone).to(device).eval()
+        net = BaselineNet(num_classes=10, in_channels=3, backbone=backbone)
+        model = ClassifierModule(net).to(device).eval()
         data = torch.randn(images, 3, 32, 32)
         loader = [
             {"image": data[i : i + 256], "label": torch.zeros(min(256, images - i))}

@@ -26,8 +26,10 @@ from hydra import compose, initialize_config_dir
 
 from protolib.bank import PrototypeBank
 from protolib.cli.train import CONFIG_DIR, run
-from protolib.lit.baseline import BaselineClassifier
+from protolib.lit.classifier import ClassifierModule
 from protolib.lit.protopnet import ProtoPNetModule
+from protolib.models.baseline import BaselineNet
+from protolib.models.protopnet import ProtoPNet
 from protolib.nn.similarity import squared_l2_distances
 from protolib.utils.io import atomic_write_json
 
@@ -86,8 +88,8 @@ def images_per_second(module: Any, in_chans: int, size: int, batch: int, steps: 
 def throughput(backbone: str, in_chans: int, size: int, batch: int, steps: int) -> dict[str, Any]:
     """Images/s of one training step of ProtoPNet (joint phase: every part trained) and of the baseline."""
     torch.manual_seed(0)
-    protopnet = ProtoPNetModule(num_classes=10, in_channels=in_chans, image_size=size, backbone=backbone)
-    baseline = BaselineClassifier(num_classes=10, in_channels=in_chans, backbone=backbone)
+    protopnet = ProtoPNetModule(ProtoPNet(10, in_channels=in_chans, image_size=size, backbone=backbone))
+    baseline = ClassifierModule(BaselineNet(num_classes=10, in_channels=in_chans, backbone=backbone))
     proto_ips = images_per_second(protopnet, in_chans, size, batch, steps)
     base_ips = images_per_second(baseline, in_chans, size, batch, steps)
     return {

@@ -22,7 +22,7 @@ def explain_test_image(args: argparse.Namespace) -> None:
         raise ValueError(f"--index {args.index} is out of range: the test split has {len(test)} images")
     item = test[args.index]
     explanation = explain_image(
-        module.model,
+        module.net,
         item["image"],
         datamodule.push_dataloader().dataset,
         datamodule.denormalize,
@@ -35,7 +35,7 @@ def explain_test_image(args: argparse.Namespace) -> None:
     print(explanation.summary())
     print(f"wrote {save_explanation(explanation, args.out)}")
     if args.integrated_gradients:
-        attribution = integrated_gradients(module.model, item["image"], target=explanation.target)
+        attribution = integrated_gradients(module.net, item["image"], target=explanation.target)
         title = f"test image {args.index}: which pixels raised the logit of {explanation.target}"
         print(f"wrote {save_attribution(attribution, explanation.image, args.integrated_gradients, title)}")
 

@@ -29,7 +29,7 @@ class PrototypePictures(L.Callback):
         self.rendered_revision = 0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        revision = int(pl_module.model.revision)
+        revision = int(pl_module.net.revision)
         if revision == self.rendered_revision:
             return
         self.rendered_revision = revision
@@ -39,7 +39,7 @@ class PrototypePictures(L.Callback):
         out_dir = Path(trainer.default_root_dir) / self.dirname / f"epoch-{trainer.current_epoch:03d}"
         with evaluating(pl_module):
             written = render_prototypes(
-                pl_module.model,
+                pl_module.net,
                 push_loader(trainer).dataset,
                 out_dir,
                 datamodule.denormalize,

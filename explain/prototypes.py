@@ -192,7 +192,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, VisionDa
     from protolib.lit.checkpoint import load_module
 
     module = load_module(checkpoint)
-    if not isinstance(getattr(module, "model", None), ProtoPNet):
+    if not isinstance(getattr(module, "net", None), ProtoPNet):
         raise ValueError(f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet module")
     datamodule = instantiate(module.build_config["data"])
     datamodule.setup("fit")
@@ -204,7 +204,7 @@ def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_p
     module, datamodule = load_checkpoint(checkpoint)
     dataset = datamodule.push_dataloader().dataset
     return render_prototypes(
-        module.model,
+        module.net,
         dataset,
         out_dir,
         datamodule.denormalize,

@@ -9,6 +9,7 @@ import torch
 from protolib.data.digits import DigitsDataModule
 from protolib.lit.callbacks.protopnet import ProtoPNetSchedule
 from protolib.lit.protopnet import ProtoPNetModule
+from protolib.models.protopnet import ProtoPNet
 
 PER_CLASS = 2
 TINY = {"train_epochs": 3, "warm_epochs": 1, "push_start": 1, "push_every": 2, "last_layer_epochs": 1}
@@ -25,12 +26,12 @@ def tiny_digits() -> DigitsDataModule:
 def make_module(**schedule: Any) -> ProtoPNetModule:
     """A seeded small-CNN ProtoPNet with PER_CLASS 8-d prototypes per class and the TINY schedule."""
     torch.manual_seed(0)
-    return ProtoPNetModule(
+    net = ProtoPNet(
         num_classes=3,
         in_channels=1,
         image_size=16,
         backbone="small_cnn",
         prototypes_per_class=PER_CLASS,
         prototype_dim=8,
-        schedule=ProtoPNetSchedule(**{**TINY, **schedule}),
     )
+    return ProtoPNetModule(net, schedule=ProtoPNetSchedule(**{**TINY, **schedule}))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protolib.lit.baseline import BaselineClassifier
-from protolib.lit.classifier import check_finite_loss
+from protolib.lit.classifier import ClassifierModule, check_finite_loss
+from protolib.models.baseline import BaselineNet
 from protolib.nn.backbones import build_backbone
 from protolib.nn.heads import CosineLinear, build_head
 
@@ -43,7 +43,7 @@ def test_cosine_head_equals_scaled_cosine_similarity() -> None:
 
 
 def test_baseline_extract_contract_logits_from_last_layer() -> None:
-    module = BaselineClassifier(num_classes=4, in_channels=1).eval()
+    module = ClassifierModule(BaselineNet(num_classes=4, in_channels=1)).eval()
     outputs = module.extract(torch.randn(3, 1, 16, 16))
     assert outputs["features"].shape == (3, 64) and outputs["logits"].shape == (3, 4)
     torch.testing.assert_close(module.last_layer(outputs["features"]), outputs["logits"])
@@ -59,4 +59,4 @@ def test_non_finite_loss_names_the_term() -> None:
 
 def test_too_few_classes_rejected() -> None:
     with pytest.raises(ValueError, match="num_classes"):
-        BaselineClassifier(num_classes=1)
+        ClassifierModule(BaselineNet(num_classes=1))

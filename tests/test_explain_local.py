@@ -15,7 +15,9 @@ from explain.local import explain_image, save_explanation
 from explain.prototypes import to_rgb_uint8
 from explain.scores import box_part_fractions, prototype_part_score
 from protolib.data.parts import PartsDataModule
+from protolib.lit.checkpoint import build_record
 from protolib.lit.protopnet import ProtoPNetModule
+from protolib.models.protopnet import ProtoPNet
 from protolib.utils.io import atomic_torch_save
 
 DATA = {
@@ -41,16 +43,16 @@ def datamodule() -> PartsDataModule:
 def module(datamodule: PartsDataModule) -> ProtoPNetModule:
     """A small pushed ProtoPNet (untrained: explanations must be exact whatever the weights)."""
     torch.manual_seed(0)
-    module = ProtoPNetModule(num_classes=4, in_channels=3, image_size=16, **MODEL).eval()
+    module = ProtoPNetModule(ProtoPNet(num_classes=4, in_channels=3, image_size=16, **MODEL)).eval()
     with torch.no_grad():  # a last layer with varied weights, so contributions are not all +-1 x similarity
-        module.model.last_layer.weight.normal_()
-    module.model.push(datamodule.push_dataloader(), warn=False)
+        module.net.last_layer.weight.normal_()
+    module.net.push(datamodule.push_dataloader(), warn=False)
     return module
 
 
 def explain(module: ProtoPNetModule, datamodule: PartsDataModule, image: torch.Tensor, **kwargs):
     return explain_image(
-        module.model,
+        module.net,
         image,
         datamodule.push_dataloader().dataset,
         datamodule.denormalize,
@@ -72,7 +74,7 @@ def test_contributions_are_similarity_times_weight_and_sum_to_the_logit(
     image = datamodule.test_dataset[1]["image"]
     explanation = explain(module, datamodule, image, target=target, k=3)
     with torch.no_grad():
-        output = module.model(image[None])
+        output = module.net(image[None])
     logits, similarities = output.logits[0], output.similarities[0]  # (C,), (P,)
     expected_target = int(logits.argmax()) if target is None else target
     assert explanation.target == expected_target and explanation.predicted == int(logits.argmax())
@@ -80,7 +82,7 @@ def test_contributions_are_similarity_times_weight_and_sum_to_the_logit(
     logit = float(logits[expected_target])
     assert explanation.contributions.sum() == pytest.approx(logit, rel=1e-5, abs=1e-5)
     assert explanation.logit == pytest.approx(logit)
-    weight = module.model.last_layer.weight[expected_target].detach()  # (P,)
+    weight = module.net.last_layer.weight[expected_target].detach()  # (P,)
     expected = (similarities * weight).numpy()
     np.testing.assert_allclose(explanation.contributions, expected, rtol=1e-5, atol=1e-6)
     top = np.argsort(-explanation.contributions)[:3]
@@ -89,14 +91,14 @@ def test_contributions_are_similarity_times_weight_and_sum_to_the_logit(
         assert e.similarity == pytest.approx(float(similarities[e.prototype]), rel=1e-6)
         assert e.weight == pytest.approx(float(weight[e.prototype]))
         assert e.contribution == pytest.approx(e.similarity * e.weight, rel=1e-5)
-        assert e.owner == int(module.model.owners[e.prototype])
+        assert e.owner == int(module.net.owners[e.prototype])
     assert "logit" in explanation.summary() and str(top[0]) in explanation.summary()
 
 
 def test_boxes_follow_the_push_rule_and_sources_come_from_provenance(
     module: ProtoPNetModule, datamodule: PartsDataModule
 ) -> None:
-    provenance = module.model.provenance()
+    provenance = module.net.provenance()
     dataset = datamodule.push_dataloader().dataset
     p = 5
     source = int(provenance["source_sample"][p])
@@ -106,7 +108,7 @@ def test_boxes_follow_the_push_rule_and_sources_come_from_provenance(
         datamodule,
         dataset[source]["image"],
         target=int(provenance["owner"][p]),
-        k=module.model.bank.num_prototypes,
+        k=module.net.bank.num_prototypes,
     )
     (evidence,) = [e for e in explanation.evidence if e.prototype == p]
     assert evidence.box == tuple(provenance["activation_box"][p].tolist())
@@ -138,7 +140,7 @@ def test_explain_image_rejects_bad_input(module: ProtoPNetModule, datamodule: Pa
         explain(module, datamodule, image[None])
     with pytest.raises(ValueError, match="out of range"):
         explain(module, datamodule, image, target=4)
-    unpushed = ProtoPNetModule(num_classes=4, in_channels=3, image_size=16, **MODEL).model
+    unpushed = ProtoPNet(num_classes=4, in_channels=3, image_size=16, **MODEL)
     with pytest.raises(ValueError, match="push them first"):
         explain_image(unpushed, image, datamodule.train_dataset, datamodule.denormalize)
 
@@ -148,9 +150,9 @@ def test_integrated_gradients_are_complete(
     module: ProtoPNetModule, datamodule: PartsDataModule, prototype: int | None
 ) -> None:
     image = datamodule.test_dataset[2]["image"]
-    attribution = integrated_gradients(module.model, image, prototype=prototype, steps=256)
+    attribution = integrated_gradients(module.net, image, prototype=prototype, steps=256)
     with torch.no_grad():
-        output = module.model(torch.stack([image, torch.zeros_like(image)]))
+        output = module.net(torch.stack([image, torch.zeros_like(image)]))
     values = output.logits if prototype is None else output.similarities
     index = int(values[0].argmax()) if prototype is None else prototype
     assert attribution.target == index and attribution.attributions.shape == image.shape
@@ -165,11 +167,11 @@ def test_integrated_gradients_are_complete(
 
 def test_integrated_gradients_of_the_baseline_itself_are_zero(module: ProtoPNetModule) -> None:
     image = torch.randn(3, 16, 16)
-    attribution = integrated_gradients(module.model, image, target=1, baseline=image.clone(), steps=8)
+    attribution = integrated_gradients(module.net, image, target=1, baseline=image.clone(), steps=8)
     assert attribution.output == attribution.baseline_output
     assert torch.count_nonzero(attribution.attributions) == 0
     with pytest.raises(ValueError, match="either target"):
-        integrated_gradients(module.model, image, target=1, prototype=0)
+        integrated_gradients(module.net, image, target=1, prototype=0)
 
 
 def test_box_part_fractions_on_a_hand_made_mask() -> None:
@@ -192,10 +194,10 @@ def test_prototype_part_score_matches_a_brute_force_count(
     module: ProtoPNetModule, datamodule: PartsDataModule
 ) -> None:
     dataset = datamodule.push_dataloader().dataset
-    score = prototype_part_score(module.model, dataset, datamodule.class_parts)
-    provenance = module.model.provenance()
+    score = prototype_part_score(module.net, dataset, datamodule.class_parts)
+    provenance = module.net.provenance()
     expected, whole = [], []
-    for p in range(module.model.bank.num_prototypes):
+    for p in range(module.net.bank.num_prototypes):
         mask = dataset[int(provenance["source_sample"][p])]["part_mask"].numpy()
         defining = np.isin(mask, datamodule.class_parts[int(provenance["owner"][p])])
         x0, y0, x1, y1 = provenance["activation_box"][p].tolist()
@@ -209,18 +211,21 @@ def test_prototype_part_score_matches_a_brute_force_count(
         {key: value for key, value in dataset[i].items() if key != "part_mask"} for i in range(len(dataset))
     ]
     with pytest.raises(ValueError, match="part_mask"):
-        prototype_part_score(module.model, no_masks, datamodule.class_parts)
+        prototype_part_score(module.net, no_masks, datamodule.class_parts)
 
 
 def test_local_command_explains_a_test_image_of_a_checkpoint(
     module: ProtoPNetModule, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     build = {"num_classes": 4, "in_channels": 3, "image_size": 16}
-    config = {
-        "model": {"_target_": "protolib.lit.protopnet.ProtoPNetModule", **MODEL},
-        "data": {"_target_": "protolib.data.parts.PartsDataModule", **DATA},
-        "build": build,
-    }
+    config = build_record(
+        {
+            "_target_": "protolib.lit.protopnet.ProtoPNetModule",
+            "net": {"_target_": "protolib.models.protopnet.ProtoPNet", **MODEL},
+        },
+        {"_target_": "protolib.data.parts.PartsDataModule", **DATA},
+        build,
+    )
     checkpoint = atomic_torch_save(
         tmp_path / "model.ckpt", {"state_dict": module.state_dict(), "protolib": config}
     )
@@ -249,7 +254,7 @@ def test_local_command_explains_a_test_image_of_a_checkpoint(
 
 def test_attribution_png(module: ProtoPNetModule, datamodule: PartsDataModule, tmp_path: Path) -> None:
     image = datamodule.test_dataset[0]["image"]
-    attribution = integrated_gradients(module.model, image, steps=8)
+    attribution = integrated_gradients(module.net, image, steps=8)
     picture = to_rgb_uint8(datamodule.denormalize(image[None]))[0]
     path = save_attribution(attribution, picture, tmp_path / "ig.png", title="t")
     assert np.asarray(Image.open(path)).std() > 0

@@ -32,7 +32,7 @@ def datamodule() -> DigitsDataModule:
 def test_render_writes_one_picture_per_prototype_gallery_and_provenance(
     datamodule: DigitsDataModule, tmp_path: Path
 ) -> None:
-    model = make_module().model
+    model = make_module().net
     dataset = datamodule.push_dataloader().dataset
     with pytest.raises(ValueError, match="push them first"):
         render_prototypes(model, dataset, tmp_path, datamodule.denormalize)

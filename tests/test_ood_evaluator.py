@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import protolib.ood.features as features_module
-from protolib.lit.checkpoint import build_module
+from protolib.lit.checkpoint import build_module, build_record
 from protolib.ood.cli import CONFIG_DIR, run
 from protolib.ood.metrics import METRIC_NAMES, ood_metrics
 
@@ -26,7 +26,10 @@ DIGITS_DATA = {
     "batch_size": 64,
     "seed": 0,
 }
-MODEL = {"_target_": "protolib.lit.baseline.BaselineClassifier", "backbone": "small_cnn", "head": "linear"}
+MODEL = {
+    "_target_": "protolib.lit.classifier.ClassifierModule",
+    "net": {"_target_": "protolib.models.baseline.BaselineNet", "backbone": "small_cnn", "head": "linear"},
+}
 QUICK = ["batch_size=128"]
 
 
@@ -49,7 +52,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(
         {
             "state_dict": module.state_dict(),
-            "protolib": {"model": MODEL, "data": DIGITS_DATA, "build": build},
+            "protolib": build_record(MODEL, DIGITS_DATA, build),
         },
         path,
     )

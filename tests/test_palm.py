@@ -245,7 +245,7 @@ def test_contrastive_loss_trains_the_embedding_through_the_ema_step() -> None:
 
 def test_module_outputs_follow_the_ood_contract() -> None:
     torch.manual_seed(0)
-    module = PALMModule(3, in_channels=1, backbone="small_cnn", prototypes_per_class=2, topk=1)
+    module = PALMModule(PALMNet(3, in_channels=1, backbone="small_cnn", prototypes_per_class=2, topk=1))
     out = module.eval().extract(torch.randn(5, 1, 16, 16))
     assert out["features"].shape == (5, 64) and out["embedding"].shape == (5, 128)
     assert torch.allclose(out["embedding"].norm(dim=1), torch.ones(5), atol=1e-5)
@@ -261,9 +261,9 @@ def test_module_outputs_follow_the_ood_contract() -> None:
 
 def test_module_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="topk=7"):
-        PALMModule(3, backbone="small_cnn", prototypes_per_class=6, topk=7)
+        PALMNet(3, backbone="small_cnn", prototypes_per_class=6, topk=7)
     with pytest.raises(ValueError, match="loss_form"):
-        PALMModule(3, backbone="small_cnn", loss_form="code")
+        PALMModule(PALMNet(3, backbone="small_cnn"), loss_form="code")
 
 
 def test_warmup_cosine_schedule_matches_the_reference_formula() -> None:

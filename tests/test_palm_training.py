@@ -83,7 +83,7 @@ def test_one_training_step_updates_the_bank_and_the_network(loss_form: str, tmp_
 def test_palm_cifar100_recipe_composes(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "experiment=palm_cifar100")
     assert cfg.data.batch_size == 512 and cfg.data.num_views == 2 and cfg.trainer.max_epochs == 500
-    assert cfg.model.optimizer.lr == 0.5 and cfg.model.momentum == 0.999 and cfg.model.topk == 5
+    assert cfg.model.optimizer.lr == 0.5 and cfg.model.net.momentum == 0.999 and cfg.model.net.topk == 5
     module = build_module(cfg.model, {"num_classes": 100, "in_channels": 3, "image_size": 32})
     assert module.net.backbone.out_channels == 512
     assert module.prototype_bank.vectors.shape == (600, 128) and module.prototype_bank.metric == "cosine"

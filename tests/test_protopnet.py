@@ -58,22 +58,22 @@ def test_extract_contract_contributions_and_last_layer_init(datamodule: DigitsDa
     assert out["features"].shape == (5, 3 * PER_CLASS)
     torch.testing.assert_close(module.last_layer(out["features"]), out["logits"])
     torch.testing.assert_close(out["prototype_similarity"], out["features"])
-    full = module.model(images)
+    full = module.net(images)
     assert full.similarity_maps.shape == (5, 3 * PER_CLASS, 4, 4)
     torch.testing.assert_close(full.similarity_maps.amax(dim=(2, 3)), out["features"])
-    contributions = module.model.contributions(full.similarities)  # (B, P, C)
+    contributions = module.net.contributions(full.similarities)  # (B, P, C)
     assert contributions.shape == (5, 3 * PER_CLASS, 3)
     torch.testing.assert_close(contributions.sum(dim=1), out["logits"])
     weight = module.last_layer.weight  # (C, P): +1 to the prototype's own class, -0.5 elsewhere
-    for p, owner in enumerate(module.model.owners.tolist()):
+    for p, owner in enumerate(module.net.owners.tolist()):
         assert weight[owner, p] == 1.0
         assert all(weight[c, p] == -0.5 for c in range(3) if c != owner)
-    assert module.prototype_bank is module.model.bank
+    assert module.prototype_bank is module.net.bank
 
 
 # -------------------------------------------------------------------------------------- push
 def test_push_projects_each_prototype_onto_its_nearest_own_class_patch(datamodule: DigitsDataModule) -> None:
-    model = make_module().model
+    model = make_module().net
     loader = datamodule.push_dataloader()
     before = model.bank.vectors.detach().clone()
     embeddings, labels, indices = all_embeddings(model, loader)
@@ -106,7 +106,7 @@ def test_push_projects_each_prototype_onto_its_nearest_own_class_patch(datamodul
 
 
 def test_prototype_identity_comes_from_the_bank_owners_not_the_order(datamodule: DigitsDataModule) -> None:
-    model = make_module().model
+    model = make_module().net
     owners = torch.tensor([2, 0, 1, 2, 0, 1])  # interleaved instead of grouped by class
     model.bank.owners.copy_(owners)
     model.set_class_connections(-0.5)
@@ -118,7 +118,7 @@ def test_prototype_identity_comes_from_the_bank_owners_not_the_order(datamodule:
 
 
 def test_push_warns_with_the_duplicate_count_when_prototypes_collapse(datamodule: DigitsDataModule) -> None:
-    model = make_module().model
+    model = make_module().net
     with torch.no_grad():
         model.bank.vectors[1] = model.bank.vectors[0]  # both class-0 prototypes: same start, same patch
     with pytest.warns(UserWarning, match=r"collapse, \d+ prototypes") as record:
@@ -143,7 +143,7 @@ class Items(Dataset):
 
 
 def test_push_rejects_shuffling_or_augmenting_loaders_and_empty_classes() -> None:
-    model = make_module().model
+    model = make_module().net
     images = torch.rand(6, 1, 16, 16)
     with pytest.raises(ValueError, match="must not shuffle"):
         model.push(DataLoader(Items(images, [0, 0, 1, 1, 2, 2]), batch_size=2, shuffle=True))
@@ -169,7 +169,7 @@ def test_nan_loss_names_the_terms(datamodule: DigitsDataModule) -> None:
 def test_prune_removes_prototypes_whose_nearest_images_are_mostly_other_classes(
     datamodule: DigitsDataModule,
 ) -> None:
-    model = make_module().model
+    model = make_module().net
     loader = datamodule.push_dataloader()
     model.push(loader)
     weight = model.last_layer.weight.detach().clone()  # (C, P)
@@ -196,7 +196,7 @@ def test_prune_removes_prototypes_whose_nearest_images_are_mostly_other_classes(
     expected_logits = original.similarities[:, kept] @ weight[:, kept].T
     torch.testing.assert_close(pruned.logits, expected_logits, rtol=1e-3, atol=1e-4)
 
-    fresh = make_module().model  # a checkpoint of a pruned model loads into a freshly built one
+    fresh = make_module().net  # a checkpoint of a pruned model loads into a freshly built one
     fresh.load_state_dict(model.state_dict())
     assert fresh.bank.num_prototypes == len(kept) and fresh.activation_box.shape == (len(kept), 4)
     with torch.no_grad():
@@ -226,7 +226,6 @@ def test_paper_schedule_plan() -> None:
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"warm_lr": {"head": 1.0}}, "unknown parameter groups"),
         ({"last_layer_epochs": 0}, "out of range"),
         ({"push_start": 60, "prune": True}, "no push happens"),
         ({"joint_lr": {}}, "at least one group"),
@@ -237,11 +236,16 @@ def test_schedule_rejects_bad_values(options: dict[str, Any], match: str) -> Non
         ProtoPNetSchedule(**options)
 
 
+def test_module_rejects_schedule_groups_the_network_lacks() -> None:
+    with pytest.raises(ValueError, match=r"does not have: \{'warm_lr': \['head'\]\}"):
+        make_module(warm_lr={"head": 1.0})
+
+
 def watched(module: ProtoPNetModule) -> dict[str, torch.Tensor]:
     """A backbone weight and a batch-norm running mean, to see whether an epoch changed them."""
-    norm = next(m for m in module.model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    norm = next(m for m in module.net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     return {
-        "weight": next(module.model.backbone.parameters()).detach().clone(),
+        "weight": next(module.net.backbone.parameters()).detach().clone(),
         "bn": norm.running_mean.clone(),
     }
 
@@ -260,8 +264,8 @@ class Spy(L.Callback):
         if idx == 0:
             self.epochs[trainer.current_epoch] = {
                 "phase": pl_module.phase,
-                "revision": int(pl_module.model.revision),
-                "prototypes": pl_module.model.bank.vectors.detach().clone(),
+                "revision": int(pl_module.net.revision),
+                "prototypes": pl_module.net.bank.vectors.detach().clone(),
             }
             self.at_start = watched(pl_module)
 
@@ -336,14 +340,14 @@ def test_pruning_phase_and_resume_with_fewer_prototypes(
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     spy, module = Spy(), make_module(**options)
     make_trainer(tmp_path, [spy, checkpoints], enable_checkpointing=True).fit(module, datamodule=datamodule)
-    remaining = module.model.bank.num_prototypes
-    assert remaining == 3 * PER_CLASS - 2 and module.model.owners.tolist() == [0, 1, 2, 2]
+    remaining = module.net.bank.num_prototypes
+    assert remaining == 3 * PER_CLASS - 2 and module.net.owners.tolist() == [0, 1, 2, 2]
     assert spy.epochs[4]["revision"] == 2
     assert spy.epochs[4]["grads"] == {"last_layer"} and spy.epochs[4]["phase"] == "last"
     (path,) = (tmp_path / "ckpt").glob("epoch=4-*.ckpt")
     resumed, again = make_module(**options), Spy()
     make_trainer(tmp_path, [again]).fit(resumed, datamodule=datamodule, ckpt_path=path)
-    assert resumed.model.bank.num_prototypes == remaining and again.epochs[5]["phase"] == "last"
+    assert resumed.net.bank.num_prototypes == remaining and again.epochs[5]["phase"] == "last"
     assert again.epochs[5]["grads"] == {"last_layer"}
 
 

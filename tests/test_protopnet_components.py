@@ -4,6 +4,7 @@ high-activation boxes and every loss term on tiny hand-made tensors."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protolib.bank import PrototypeBank
+from protolib.bank import PrototypeBank, pairwise_distances
 from protolib.losses.protopnet import (
     ProtoPNetLoss,
     class_identity,
@@ -97,7 +98,10 @@ def test_wrong_class_l1_by_hand() -> None:
 def test_total_loss_weights_the_terms_like_the_paper() -> None:
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.25]])
     weight = torch.tensor([[1.0, 1.0, -0.5, -0.5], [-0.5, -0.5, 1.0, 1.0]])
-    total, terms = ProtoPNetLoss()(logits, MIN_DISTANCES, LABELS, OWNERS, weight, max_dist=10.0)
+    net = SimpleNamespace(owners=OWNERS, last_layer=nn.Linear(4, 2, bias=False), max_distance=10.0)
+    net.last_layer.weight.data = weight
+    outputs = {"logits": logits, "min_distances": MIN_DISTANCES}
+    total, terms = ProtoPNetLoss()(outputs, LABELS, net)
     ce = -np.mean([2.0 - np.log(np.exp(2.0) + np.exp(-1.0)), 0.25 - np.log(np.exp(0.5) + np.exp(0.25))])
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["l1"].item() == pytest.approx(2.0)
@@ -194,3 +198,16 @@ def test_receptive_field_of_the_papers_other_backbones(name: str) -> None:
     assert rf.stride == (32.0, 32.0) and rf.feature_size == (7, 7)
     boxes = rf.boxes(torch.tensor([[0, 0], [6, 6]]))
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 224).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+
+
+def test_push_search_and_similarity_layer_share_one_l2_kernel() -> None:
+    """The bank's push distances and the prototype layer's distance maps are the same numbers."""
+    torch.manual_seed(0)
+    features = torch.rand(2, 5, 3, 4)  # (B, D, H, W)
+    prototypes = torch.rand(6, 5)
+    patches = features.permute(0, 2, 3, 1).reshape(-1, 5)  # (B*H*W, D)
+    brute = ((patches[:, None, :] - prototypes[None]) ** 2).sum(-1)  # (B*H*W, P)
+    push = pairwise_distances(patches, prototypes, "l2")
+    layer = squared_l2_distances(features, prototypes).permute(0, 2, 3, 1).reshape(-1, 6)
+    torch.testing.assert_close(push, brute, rtol=1e-5, atol=1e-6)
+    assert torch.equal(push, layer)

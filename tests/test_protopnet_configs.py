@@ -34,29 +34,29 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     assert cfg.callbacks.prototype_pictures is not None and cfg.callbacks.early_stopping is not None
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": cfg.data.image_size})
     assert isinstance(module, ProtoPNetModule)
-    assert module.model.bank.num_prototypes == 100 and module.model.prototype_dim == 128
+    assert module.net.bank.num_prototypes == 100 and module.net.prototype_dim == 128
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
     assert module.loss.weights == {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
 
 
 def test_cub_experiment_has_the_paper_recipe_and_augmentation(tmp_path: Path) -> None:
-    cfg = compose_config(tmp_path, "experiment=protopnet_cub", "model.pretrained=false")
-    assert cfg.data.crop and cfg.data.image_size == 224 and cfg.model.backbone == "resnet34"
+    cfg = compose_config(tmp_path, "experiment=protopnet_cub", "model.net.pretrained=false")
+    assert cfg.data.crop and cfg.data.image_size == 224 and cfg.model.net.backbone == "resnet34"
     assert cfg.model.schedule.train_epochs == 51 and cfg.model.schedule.last_layer_epochs == 20
     augment = v2.Compose(list(instantiate(cfg.data.train_transforms)))
     image = tv_tensors.Image(torch.rand(3, 224, 224))
     out = augment({"image": image})["image"]
     assert out.shape == image.shape and not torch.equal(out, image)
     module = build_module(cfg.model, {"num_classes": 200, "in_channels": 3, "image_size": 224})
-    assert module.model.bank.num_prototypes == 2000
-    rf = module.model.receptive_field
+    assert module.net.bank.num_prototypes == 2000
+    rf = module.net.receptive_field
     assert rf.stride == (32.0, 32.0) and rf.feature_size == (7, 7)
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 151
 
 
 def test_parts_experiment_composes(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "experiment=protopnet_parts")
-    assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.backbone == "small_cnn"
+    assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.net.backbone == "small_cnn"
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs
 
@@ -69,7 +69,7 @@ def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path)
     (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
     assert checkpoint.name == "best-epoch02.ckpt"  # the only pushed epoch: 0 warm, 1 joint, 2 push + last
     module = load_module(checkpoint)
-    assert int(module.model.revision) == 1 and (module.model.provenance()["source_sample"] >= 0).all()
+    assert int(module.net.revision) == 1 and (module.net.provenance()["source_sample"] >= 0).all()
     pictures = tmp_path / "prototypes" / "epoch-002"
     assert len(list(pictures.glob("prototype-*.png"))) == 100
     assert (pictures / "gallery-01.png").stat().st_size > 0

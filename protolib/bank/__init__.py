@@ -1,8 +1,9 @@
 """The prototype bank shared by every model family, and its FAISS index factory."""
 
 from protolib.bank.bank import METADATA, PrototypeBank
+from protolib.bank.distances import pairwise_distances, squared_l2
 from protolib.bank.index import INDEX_KINDS, METRICS, FaissIndex, build_index, exact_search
-from protolib.bank.push import PushResult, pairwise_distances
+from protolib.bank.push import PushResult
 
 __all__ = [
     "INDEX_KINDS",
@@ -14,4 +15,5 @@ __all__ = [
     "build_index",
     "exact_search",
     "pairwise_distances",
+    "squared_l2",
 ]

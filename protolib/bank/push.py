@@ -9,9 +9,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from protolib.bank import distributed
+from protolib.bank.distances import pairwise_distances
 
 # Largest patch x prototype distance block computed at once (4M floats = 16 MiB).
 MAX_BLOCK_ELEMENTS = 1 << 22
@@ -25,18 +25,6 @@ class PushResult:
     distances: torch.Tensor  # (P,) prototype -> patch distance, smaller is nearer
     sample_ids: torch.Tensor  # (P,) long, the "index" of the sample the patch came from
     locations: torch.Tensor  # (P, 2) long (row, col) in the feature map; -1 for (B, D) embeddings
-
-
-def pairwise_distances(x: torch.Tensor, prototypes: torch.Tensor, metric: str) -> torch.Tensor:
-    """Distances (N, P) between rows of ``x`` (N, D) and ``prototypes`` (P, D); smaller is nearer."""
-    if metric == "l2":
-        sq = torch.addmm(prototypes.pow(2).sum(1), x, prototypes.T, alpha=-2)  # |p|^2 - 2 x.p, one (N, P)
-        return sq.add_(x.pow(2).sum(1, keepdim=True)).clamp_min_(0)
-    if metric == "cosine":
-        return 1 - F.normalize(x, dim=1) @ F.normalize(prototypes, dim=1).T
-    if metric == "ip":
-        return -(x @ prototypes.T)
-    raise ValueError(f"Unknown metric {metric!r}; choose l2, cosine or ip.")
 
 
 def _flatten_batch(

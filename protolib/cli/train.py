@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from protolib.lit.checkpoint import AtomicCheckpointIO, build_module
+from protolib.lit.checkpoint import AtomicCheckpointIO, build_module, build_record
 from protolib.utils.io import atomic_write_json, atomic_write_text
 from protolib.utils.modes import evaluating
 from protolib.utils.plots import plot_confusion_matrix
@@ -77,11 +77,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "image_size": datamodule.image_size,
     }
     module = build_module(cfg.model, build_args)
-    module.build_config = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "build": build_args,
-    }
+    module.build_config = build_record(cfg.model, cfg.data, build_args)
     check_model_accepts_data(module, datamodule)
 
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the files

@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from protolib.utils.config import instantiate_accepting
 from protolib.utils.io import atomic_torch_save
 
+# Version of the checkpoint's "protolib" entry: 2 = the network is the model config's ``net`` node.
+CHECKPOINT_FORMAT = 2
 
-def build_module(model_config: Any, build_args: dict[str, Any]) -> L.LightningModule:
-    """Instantiate ``model_config`` passing the data-dependent ``build_args`` its constructor accepts."""
-    return instantiate_accepting(model_config, **build_args)
+
+def build_module(model_config: Mapping[str, Any], build_args: dict[str, Any]) -> L.LightningModule:
+    """Build the network from ``model_config["net"]`` with the data-dependent ``build_args`` it accepts
+    (classes, channels, image size), then the training recipe (the rest of ``model_config``) around it."""
+    model_config = _plain(model_config)  # interpolations (${bank}, ${trainer...}) resolved first
+    if "net" not in model_config:
+        raise ValueError(
+            f"model config for {model_config.get('_target_')} has no 'net' node: the network is its own "
+            "config node (model.net._target_: protolib.models...); see conf/model/*.yaml"
+        )
+    net = instantiate_accepting(model_config["net"], **build_args)
+    recipe = {key: value for key, value in model_config.items() if key != "net"}
+    return instantiate_accepting(recipe, net=net)
+
+
+def build_record(model_config: Any, data_config: Any, build_args: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild its module: the resolved model and data configs, build args."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": _plain(model_config),
+        "data": _plain(data_config),
+        "build": dict(build_args),
+    }
+
+
+def _plain(config: Any) -> Any:
+    """A resolved plain-container copy of a config (DictConfig or mapping)."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
-    """Load a module saved by ``train.py``; its config in the checkpoint says which class to build.
+    """Load a module saved by ``train.py``; its config in the checkpoint says which classes to build.
 
     ``module.build_config["data"]`` is the data config it was trained with.
     """
@@ -34,6 +65,12 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
         raise ValueError(
             f"checkpoint {path} has no 'protolib' entry: it was not written by protolib's train.py; "
             "load it with YourModule.load_from_checkpoint instead"
+        )
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {path} was written by an older protolib (checkpoint format "
+            f"{config.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}: networks now come from the "
+            "model config's net node); retrain it with this version"
         )
     module = build_module(config["model"], config["build"])
     module.load_state_dict(checkpoint["state_dict"])

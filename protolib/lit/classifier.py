@@ -1,4 +1,4 @@
-"""The LightningModule every protolib classifier builds on: steps, accuracy, optimiser, OOD contract."""
+"""The classifier training recipe every protolib family builds on: steps, accuracy, optimiser, contract."""
 
 from __future__ import annotations
 
@@ -16,28 +16,32 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class ClassifierModule(L.LightningModule):
-    """Train/val/test loop for image classifiers with dict batches ``{"image", "label", "index"}``.
+    """The classifier training recipe: a network from config, cross-entropy, accuracy, optimiser, scheduler.
 
-    Subclasses implement :meth:`extract` (``"logits"`` and ``"features"`` at least) and may override
-    :meth:`compute_loss` and :meth:`parameter_groups`. ``last_layer`` maps ``features`` to ``logits``
-    (``None`` when there is no such layer) and ``prototype_bank`` is the model's bank (or ``None``):
-    the OOD postprocessors and explanations read these, never re-implement them.
+    Batches are dicts ``{"image", "label", "index"}``. ``net`` (built by ``train.py`` from the model
+    config's ``net:`` node) provides the contract the OOD postprocessors and explanations read:
+    ``num_classes``, ``extract(images)`` (``"logits"`` and ``"features"`` at least), ``last_layer`` (maps
+    ``features`` to ``logits``, or ``None``) and ``prototype_bank`` (or ``None``). Recipes with another
+    objective override :meth:`compute_loss` (and :meth:`parameter_groups`); they never take the network's
+    own arguments.
     """
-
-    # Every subclass sets both (as submodules or properties); declared here, not defaulted, so that
-    # a subclass assigning a module registers it normally.
-    last_layer: nn.Module | None
-    prototype_bank: nn.Module | None
 
     def __init__(
         self,
-        num_classes: int,
+        net: nn.Module,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
+        num_classes = getattr(net, "num_classes", None)
+        if not isinstance(net, nn.Module) or not isinstance(num_classes, int):
+            raise ValueError(
+                f"{type(self).__name__} needs a network (nn.Module with an int num_classes and extract()), "
+                f"got {type(net).__name__}; set model.net._target_ to a protolib.models network"
+            )
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.net = net
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -48,11 +52,20 @@ class ClassifierModule(L.LightningModule):
         # Set by train.py so that protolib.lit.checkpoint.load_module can rebuild the module.
         self.build_config: dict[str, Any] | None = None
 
-    # --- what subclasses provide -------------------------------------------------------------------
-    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return at least ``"logits"`` (B, C) and ``"features"`` (B, F) for a batch of images."""
-        raise NotImplementedError
+    # --- the OOD / explanation contract, forwarded from the network ----------------------------------
+    @property
+    def last_layer(self) -> nn.Module | None:
+        return getattr(self.net, "last_layer", None)
 
+    @property
+    def prototype_bank(self) -> nn.Module | None:
+        return getattr(self.net, "prototype_bank", None)
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """At least ``"logits"`` (B, C) and ``"features"`` (B, F) for a batch of images."""
+        return self.net.extract(images)
+
+    # --- what recipes may change ---------------------------------------------------------------------
     def compute_loss(
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -10,13 +10,11 @@ similarity to every prototype; ``logits`` are per-class log-sum-exps of ``simila
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from protolib.bank import PrototypeBank
 from protolib.lit.classifier import ClassifierModule, OptimizerFactory, SchedulerFactory, check_finite_loss
 from protolib.losses.palm import LOSS_FORMS, palm_mle_loss, prototype_contrastive_loss
 from protolib.models.palm import PALMNet
@@ -50,69 +48,35 @@ def warmup_cosine(
 
 
 class PALMModule(ClassifierModule):
-    """PALM on the prototype bank ``net.bank``; ``last_layer`` is ``None`` (no linear classifier).
+    """The PALM training recipe for a :class:`~protolib.models.palm.PALMNet` (prototypes in ``net.bank``).
 
     ``loss_form="paper"`` uses the paper's equations, ``"reference"`` the authors' code (see
     :mod:`protolib.losses.palm`). The scheduler factory is called as ``scheduler(optimizer, total_steps=...)``
     and stepped every batch (e.g. :func:`warmup_cosine`).
     """
 
-    last_layer = None  # logits are prototype log-likelihoods, not a linear layer of the features
-
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int = 3,
-        backbone: str = "cifar_resnet34",
-        pretrained: bool = False,
-        embedding_dim: int = 128,
-        head_hidden_dim: int | None = None,
-        prototypes_per_class: int = 6,
-        topk: int | None = 5,
-        momentum: float = 0.999,
-        epsilon: float = 0.05,
-        sinkhorn_iterations: int = 3,
-        temperature: float = 0.1,
+        net: PALMNet,
         contrastive_temperature: float = 0.5,
         contrastive_weight: float = 1.0,
         loss_form: str = "paper",
-        bank: Callable[..., PrototypeBank] = PrototypeBank,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
     ) -> None:
-        super().__init__(num_classes, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(net, optimizer=optimizer, scheduler=scheduler)
         if loss_form not in LOSS_FORMS:
             raise ValueError(f"loss_form {loss_form!r} is unknown: use one of {LOSS_FORMS}")
-        self.net = PALMNet(
-            num_classes,
-            in_channels=in_channels,
-            backbone=backbone,
-            pretrained=pretrained,
-            embedding_dim=embedding_dim,
-            head_hidden_dim=head_hidden_dim,
-            prototypes_per_class=prototypes_per_class,
-            temperature=temperature,
-            momentum=momentum,
-            epsilon=epsilon,
-            sinkhorn_iterations=sinkhorn_iterations,
-            topk=topk,
-            bank=bank,
-        )
+        if not isinstance(net, PALMNet):
+            raise ValueError(f"PALMModule trains a protolib.models.palm.PALMNet, got {type(net).__name__}")
         self.contrastive_temperature = contrastive_temperature
         self.contrastive_weight = contrastive_weight
         self.loss_form = loss_form
 
     @property
-    def prototype_bank(self) -> torch.nn.Module:  # type: ignore[override]
-        return self.net.bank
-
-    @property
     def prototype_temperature(self) -> float:
         """The temperature of the similarity logits z.p / t, for the OOD suite's ``palm`` score."""
         return self.net.temperature
-
-    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net.extract(images)
 
     def palm_losses(
         self, embedding: torch.Tensor, labels: torch.Tensor

@@ -7,6 +7,8 @@ other-class) prototype, computed through the "max similarity" ``max_dist - max((
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,22 +62,19 @@ class ProtoPNetLoss(nn.Module):
         self.weights = {"ce": cross_entropy, "cluster": cluster, "separation": separation, "l1": l1}
 
     def forward(
-        self,
-        logits: torch.Tensor,
-        min_distances: torch.Tensor,
-        labels: torch.Tensor,
-        owners: torch.Tensor,
-        last_layer_weight: torch.Tensor,
-        max_dist: float,
+        self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor, net: nn.Module
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its unweighted terms, from logits (B, C), min distances (B, P), labels (B,),
-        prototype owners (P,) and the last-layer weight (C, P)."""
-        identity = class_identity(owners, logits.shape[1]).to(min_distances.dtype)  # (P, C)
+        """Total loss and its unweighted terms from the network's ``extract`` outputs (``logits`` (B, C),
+        ``min_distances`` (B, P)), labels (B,) and the network (prototype owners (P,), last-layer weight
+        (C, P), ``max_distance``)."""
+        logits, min_distances = outputs["logits"], outputs["min_distances"]
+        identity = class_identity(net.owners, logits.shape[1]).to(min_distances.dtype)  # (P, C)
+        max_dist = net.max_distance
         terms = {
             "ce": F.cross_entropy(logits, labels),
             "cluster": cluster_cost(min_distances, labels, identity, max_dist),
             "separation": separation_cost(min_distances, labels, identity, max_dist),
-            "l1": wrong_class_l1(last_layer_weight, identity),
+            "l1": wrong_class_l1(net.last_layer.weight, identity),
         }
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, terms

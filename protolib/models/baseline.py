@@ -23,10 +23,13 @@ class BaselineNet(nn.Module):
         cosine_scale: float = 16.0,
     ) -> None:
         super().__init__()
+        self.num_classes = num_classes
+        self.prototype_bank = None  # no prototypes: the reference point
         self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels, pooled=True)
         self.dropout = nn.Dropout(dropout)
         self.last_layer = build_head(head, self.backbone.out_channels, num_classes, scale=cosine_scale)
 
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``features`` (B, F) pooled backbone output and ``logits`` (B, C)."""
         features = self.backbone(images)  # (B, F)
         return {"features": features, "logits": self.last_layer(self.dropout(features))}

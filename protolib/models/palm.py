@@ -70,6 +70,13 @@ class PALMNet(nn.Module):
         self.sinkhorn_iterations = sinkhorn_iterations
         self.topk = topk
 
+    last_layer = None  # logits are prototype log-likelihoods, not a linear layer of the features
+
+    @property
+    def prototype_bank(self) -> PrototypeBank:
+        """The bank, under the name the explanation / OOD contract reads."""
+        return self.bank
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled backbone features (B, F) and the L2-normalised embedding (B, E)."""
         features = self.backbone(images)  # (B, F)

@@ -190,6 +190,20 @@ class ProtoPNet(nn.Module):
         return self.prototype_layer.bank
 
     @property
+    def prototype_bank(self) -> PrototypeBank:
+        """The bank, under the name the explanation / OOD contract reads."""
+        return self.prototype_layer.bank
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The named parts the training schedule trains, freezes and sets learning rates for."""
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "add_on": list(self.add_on.parameters()),
+            "prototypes": [self.bank.vectors],
+            "last_layer": list(self.last_layer.parameters()),
+        }
+
+    @property
     def owners(self) -> torch.Tensor:
         """(P,) class of every prototype: prototype identity comes from here, never from the order."""
         return self.bank.owners
@@ -232,6 +246,19 @@ class ProtoPNet(nn.Module):
         activations = self.prototype_layer(embeddings)
         logits = self.last_layer(activations.similarities)  # (B, C)
         return ProtoPNetOutput(logits, embeddings, activations)
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The contract ``explain`` and the OOD suite read: ``logits`` (B, C), ``features`` =
+        ``prototype_similarity`` (B, P) (the last layer's input: ``last_layer(features) == logits``) and
+        ``min_distances`` (B, P) for the losses."""
+        output = self(images)
+        similarities = output.similarities  # (B, P)
+        return {
+            "logits": output.logits,
+            "features": similarities,
+            "prototype_similarity": similarities,
+            "min_distances": output.min_distances,
+        }
 
     def contributions(self, similarities: torch.Tensor) -> torch.Tensor:
         """Per-prototype contribution to every class logit (B, P, C); summed over P it gives the logits."""

@@ -10,26 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from protolib.bank.distances import squared_l2
+
 
 def squared_l2_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Squared L2 distance of every spatial patch to every prototype: (B, D, H, W), (P, D) -> (B, P, H, W).
 
-    Expanded as ``||z||^2 - 2 z.p + ||p||^2`` (one einsum instead of a (B, P, D, H, W) difference tensor)
-    and clamped at 0, since rounding can make the expansion slightly negative. Computed in float32 even
-    under mixed precision: the log activation magnifies the cancellation error of half-precision sums.
+    The bank's kernel (:func:`protolib.bank.distances.squared_l2`) on the patches, so training and push
+    measure the same distance.
     """
     if features.dim() != 4 or prototypes.dim() != 2 or features.shape[1] != prototypes.shape[1]:
         raise ValueError(
             f"expected features (B, D, H, W) and prototypes (P, D) with the same D, got "
             f"{tuple(features.shape)} and {tuple(prototypes.shape)}"
         )
-    dtype = torch.promote_types(features.dtype, torch.float32)
-    with torch.autocast(features.device.type, enabled=False):
-        features, prototypes = features.to(dtype), prototypes.to(dtype)
-        z2 = features.pow(2).sum(dim=1, keepdim=True)  # (B, 1, H, W)
-        zp = torch.einsum("bdhw,pd->bphw", features, prototypes)  # (B, P, H, W)
-        p2 = prototypes.pow(2).sum(dim=1)[None, :, None, None]  # (1, P, 1, 1)
-        return (z2 - 2 * zp + p2).clamp_min(0)
+    b, d, h, w = features.shape
+    patches = features.permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, D)
+    distances = squared_l2(patches, prototypes)  # (B*H*W, P)
+    return distances.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, P, H, W)
 
 
 class L2Similarity(nn.Module):

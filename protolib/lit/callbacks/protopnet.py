@@ -12,18 +12,28 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
-
-if TYPE_CHECKING:
-    from protolib.lit.protopnet import ProtoPNetModule
 
 log = logging.getLogger(__name__)
 
-# Parameter groups of a ProtoPNet, as named in the optimiser.
-GROUPS = ("backbone", "add_on", "prototypes", "last_layer")
+
+class PhasedPrototypeModule(Protocol):
+    """What the schedule drives (``protolib.lit.protopnet.ProtoPNetModule``); the module depends on this
+    callback, never the reverse."""
+
+    schedule: ProtoPNetSchedule
+
+    def push_prototypes(self, loader: DataLoader) -> Any: ...
+
+    def prune_prototypes(self, loader: DataLoader) -> Any: ...
+
+    def set_phase(
+        self, phase: str, learning_rates: dict[str, float], optimizer: torch.optim.Optimizer
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,9 +79,6 @@ class ProtoPNetSchedule:
     def __post_init__(self) -> None:
         for name in ("warm_lr", "joint_lr", "last_layer_lr", "weight_decay"):
             value = dict(getattr(self, name))  # Hydra hands over DictConfigs
-            unknown = set(value) - set(GROUPS)
-            if unknown:
-                raise ValueError(f"schedule.{name}: unknown parameter groups {sorted(unknown)}: use {GROUPS}")
             if any(not (v >= 0 and math.isfinite(v)) for v in value.values()):
                 raise ValueError(f"schedule.{name} values must be finite and >= 0, got {value}")
             setattr(self, name, value)
@@ -96,6 +103,15 @@ class ProtoPNetSchedule:
                 f"schedule.prune needs a pushed model but no push happens: push_start={self.push_start} is "
                 f"not below train_epochs={self.train_epochs}"
             )
+
+    def group_settings(self) -> dict[str, dict[str, float]]:
+        """Every per-group setting by name; the module checks the groups exist in its network."""
+        return {
+            "warm_lr": self.warm_lr,
+            "joint_lr": self.joint_lr,
+            "last_layer_lr": self.last_layer_lr,
+            "weight_decay": self.weight_decay,
+        }
 
     def push_epochs(self) -> list[int]:
         """Warm-up/joint epochs after which prototypes are pushed."""
@@ -185,7 +201,7 @@ class ProtoPNetTraining(L.Callback):
         )
         trainer.fit_loop.max_epochs = len(self.plan)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProtoPNetModule) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: PhasedPrototypeModule) -> None:
         epoch = trainer.current_epoch
         if epoch >= len(self.plan):
             raise ValueError(f"epoch {epoch} is past the ProtoPNet schedule ({len(self.plan)} epochs)")
@@ -220,7 +236,7 @@ class PushEarlyStopping(L.Callback):
         self.best = -math.inf
         self.wait = 0
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: ProtoPNetModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: PhasedPrototypeModule) -> None:
         if trainer.sanity_checking or not pl_module.schedule.ends_cycle(trainer.current_epoch):
             return
         if self.monitor not in trainer.callback_metrics:
