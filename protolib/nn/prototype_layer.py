@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from protolib.bank import PrototypeBank
-from protolib.nn.similarity import L2Similarity
+from protolib.nn.similarity import Similarity
 
 
 @dataclass
@@ -17,7 +17,10 @@ class PrototypeActivations:
 
     distances: torch.Tensor  # (B, P, H, W) distance of every patch to every prototype
     min_distances: torch.Tensor  # (B, P) distance of the nearest patch (min-pooled over locations)
-    similarity: L2Similarity
+    similarity: Similarity
+    # (B, P) min-pooled distances the cluster / separation costs use; the same tensor as min_distances
+    # unless the similarity's cost distances differ from its head distances (TesNet: cosine vs projection)
+    cost_min_distances: torch.Tensor
 
     @property
     def similarities(self) -> torch.Tensor:
@@ -37,7 +40,7 @@ class PrototypeLayer(nn.Module):
     maps, and is cheaper: the activation is applied to (B, P) values instead of (B, P, H, W).
     """
 
-    def __init__(self, bank: PrototypeBank, similarity: L2Similarity) -> None:
+    def __init__(self, bank: PrototypeBank, similarity: Similarity) -> None:
         super().__init__()
         if bank.metric != similarity.metric:
             raise ValueError(
@@ -52,6 +55,9 @@ class PrototypeLayer(nn.Module):
         return self.bank.num_prototypes
 
     def forward(self, features: torch.Tensor) -> PrototypeActivations:
-        distances = self.similarity.distances(features, self.bank.vectors)  # (B, P, H, W)
+        prototypes = self.bank.vectors  # (P, D)
+        distances = self.similarity.distances(features, prototypes)  # (B, P, H, W)
         min_distances = distances.flatten(2).min(dim=2).values  # (B, P)
-        return PrototypeActivations(distances, min_distances, self.similarity)
+        cost = self.similarity.cost_distances(features, prototypes, distances)  # (B, P, H, W)
+        cost_min = min_distances if cost is distances else cost.flatten(2).min(dim=2).values  # (B, P)
+        return PrototypeActivations(distances, min_distances, self.similarity, cost_min)

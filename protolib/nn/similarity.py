@@ -7,10 +7,28 @@ a variant swaps the metric (or the activation) by swapping this object.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from protolib.bank.distances import squared_l2
+
+
+class Similarity(Protocol):
+    """What a prototype layer needs of a similarity: its bank metric, distance maps, the distance ->
+    similarity map, and the distances the cluster / separation costs use."""
+
+    metric: str
+
+    def distances(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor: ...
+
+    def similarity(self, distances: torch.Tensor) -> torch.Tensor: ...
+
+    def cost_distances(
+        self, features: torch.Tensor, prototypes: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 def squared_l2_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -58,5 +76,67 @@ class L2Similarity(nn.Module):
             return torch.log((distances + 1) / (distances + self.epsilon))
         return -distances
 
+    def cost_distances(
+        self, features: torch.Tensor, prototypes: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        """The distances the cluster / separation costs are computed on: ProtoPNet's are the head's own."""
+        return distances
+
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, epsilon={self.epsilon}"
+
+
+def prototype_blocks(prototypes: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(P,) which of ``blocks`` equal channel blocks each prototype (P, D) lives in (its non-zero block)."""
+    p, d = prototypes.shape
+    return prototypes.detach().reshape(p, blocks, d // blocks).norm(dim=2).argmax(dim=1)
+
+
+class ProjectionSimilarity(nn.Module):
+    """TesNet's similarity: the projection ``z . p / ||p||`` of every patch onto the unit prototype direction,
+    max-pooled, with no log activation (Wang et al., ICCV 2021, "basis concepts").
+
+    As a distance (smaller is nearer) it is ``-z . p / ||p||``: the bank's ``ip`` metric on unit-norm
+    prototypes, so push picks the patch of largest projection, as the reference's push. The cluster /
+    separation costs use the cosine distance ``-cos(z, p)`` instead (:meth:`cost_distances`).
+
+    ``blocks`` > 1 splits the D channels into equal blocks holding separate embedding spaces, each prototype
+    non-zero in one block only (ST-ProtoPNet's support and trivial branches side by side): the projection is
+    then the projection within the prototype's block, and the cosine uses that block's patch norm.
+    """
+
+    metric = "ip"
+
+    def __init__(self, blocks: int = 1) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ValueError(f"projection similarity blocks must be >= 1, got {blocks}")
+        self.blocks = blocks
+
+    def distances(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W), (P, D) -> minus the projection onto each unit prototype (B, P, H, W)."""
+        if features.dim() != 4 or prototypes.dim() != 2 or features.shape[1] != prototypes.shape[1]:
+            raise ValueError(
+                f"expected features (B, D, H, W) and prototypes (P, D) with the same D, got "
+                f"{tuple(features.shape)} and {tuple(prototypes.shape)}"
+            )
+        if features.shape[1] % self.blocks:
+            raise ValueError(f"D={features.shape[1]} channels do not split into {self.blocks} equal blocks")
+        return -torch.einsum("bdhw,pd->bphw", features, F.normalize(prototypes, dim=1))
+
+    def similarity(self, distances: torch.Tensor) -> torch.Tensor:
+        """Distances -> projections (no activation: TesNet feeds the projections to the last layer)."""
+        return -distances
+
+    def cost_distances(
+        self, features: torch.Tensor, prototypes: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        """Cosine distances ``-cos(z, p)`` (B, P, H, W) from the projection distances: divided by the norm of
+        each patch (within the prototype's block), with ``F.normalize``'s 1e-12 floor."""
+        b, d, h, w = features.shape
+        norms = features.reshape(b, self.blocks, d // self.blocks, h, w).norm(dim=2)  # (B, blocks, H, W)
+        norms = norms[:, prototype_blocks(prototypes, self.blocks)]  # (B, P, H, W)
+        return distances / norms.clamp_min(1e-12)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.blocks}"
