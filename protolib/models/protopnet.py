@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from protolib.bank import PrototypeBank
 from protolib.nn.backbones import build_backbone
 from protolib.nn.prototype_layer import PrototypeActivations, PrototypeLayer
 from protolib.nn.receptive_field import ReceptiveField, receptive_field
-from protolib.nn.similarity import L2Similarity
+from protolib.nn.similarity import L2Similarity, Similarity, prototype_blocks
 from protolib.utils.modes import evaluating
 
 
@@ -119,20 +119,70 @@ def check_push_loader(loader: DataLoader, probes: int = 4) -> None:
             )
 
 
+ADD_ON_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def build_add_on(in_channels: int, dim: int, activations: Sequence[str]) -> nn.Sequential:
+    """ProtoPNet's add-on: 1x1 conv, first activation, 1x1 conv, second activation, to ``dim`` channels
+    (Kaiming-normal weights, zero biases, as the reference code)."""
+    if len(activations) != 2 or any(name not in ADD_ON_ACTIVATIONS for name in activations):
+        raise ValueError(
+            f"add_on_activations must be two of {sorted(ADD_ON_ACTIVATIONS)}, got {list(activations)}"
+        )
+    first, second = (ADD_ON_ACTIVATIONS[name]() for name in activations)
+    add_on = nn.Sequential(
+        nn.Conv2d(in_channels, dim, kernel_size=1), first, nn.Conv2d(dim, dim, kernel_size=1), second
+    )
+    for conv in add_on.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+    return add_on
+
+
+class ParallelAddOn(nn.Module):
+    """Several add-ons on the same backbone features, concatenated along channels (B, S x D, H, W): one
+    embedding space per prototype set (ST-ProtoPNet's trivial and support branches)."""
+
+    def __init__(self, branches: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(features) for branch in self.branches], dim=1)
+
+
 class ProtoPNet(nn.Module):
     """Backbone, add-on layers (1x1 conv, ReLU, 1x1 conv, sigmoid) to D channels, P = K x C prototypes of
     shape D x 1 x 1 in a :class:`PrototypeBank` (owners = classes), max-pooled similarity, linear last layer.
+
+    The variants that keep this skeleton are configurations of it (``conf/model``): TesNet swaps the
+    similarity (projection onto unit prototypes, ``unit_prototypes``); ST-ProtoPNet adds a second prototype
+    set (``prototype_sets``) with its own add-on branch, whose similarities feed the same last layer (two
+    heads summed are one linear layer over both sets).
 
     Args:
         num_classes: C.
         in_channels, image_size: input images; the receptive field of feature locations depends on both.
         backbone, pretrained: ``build_backbone`` name and whether to load its (timm) weights.
-        prototypes_per_class: K (paper: 10).
-        prototype_dim: D, the add-on output channels (paper: 128).
-        similarity: distance -> similarity (default: squared L2 with ``log((d + 1) / (d + 1e-4))``).
+        prototypes_per_class: K per set (paper: 10).
+        prototype_dim: D, the add-on output channels per set (paper: 128).
+        similarity: distance -> similarity (default: squared L2 with ``log((d + 1) / (d + 1e-4))``); its
+            ``metric`` is the bank's, so push searches with the distance the model scores with.
         incorrect_class_connection: initial last-layer weight to other classes (paper: -0.5; own class +1).
         bank: builds the prototype bank (a ``PrototypeBank`` partial from ``conf/bank`` picks the FAISS
-            index); it is called with ``metric="l2", learnable=True``.
+            index); it is called with ``metric=similarity.metric, learnable=True``.
+        add_on_activations: the add-on's two activations (ProtoPNet: relu, sigmoid).
+        unit_prototypes: keep every prototype at unit L2 norm: after every optimiser step
+            (:meth:`constrain_prototypes_`) and every push (TesNet, ST-ProtoPNet).
+        prototype_sets: names of S prototype sets (default one, unnamed); each has K prototypes per class,
+            its own add-on branch and its own block of D channels of the embedding (S x D channels in all),
+            prototypes zero outside their block; the similarity must split into S blocks.
     """
 
     def __init__(
@@ -144,9 +194,12 @@ class ProtoPNet(nn.Module):
         pretrained: bool = False,
         prototypes_per_class: int = 10,
         prototype_dim: int = 128,
-        similarity: L2Similarity | None = None,
+        similarity: Similarity | None = None,
         incorrect_class_connection: float = -0.5,
         bank: Callable[..., PrototypeBank] = PrototypeBank,
+        add_on_activations: Sequence[str] = ("relu", "sigmoid"),
+        unit_prototypes: bool = False,
+        prototype_sets: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if prototypes_per_class < 1 or prototype_dim < 1:
@@ -154,28 +207,40 @@ class ProtoPNet(nn.Module):
                 f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class} and "
                 f"{prototype_dim}"
             )
+        similarity = similarity or L2Similarity()
+        self.set_names = list(prototype_sets or ["prototypes"])
+        sets = len(self.set_names)
+        if getattr(similarity, "blocks", 1) != sets:
+            raise ValueError(
+                f"{sets} prototype sets {self.set_names} need a similarity over {sets} channel blocks, got "
+                f"{similarity}; use protolib.nn.similarity.ProjectionSimilarity with blocks: {sets}"
+            )
         self.num_classes = num_classes
-        self.prototype_dim = prototype_dim
+        self.prototype_dim = prototype_dim * sets
         self.image_size = image_size
+        self.unit_prototypes = unit_prototypes
         self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
         self.receptive_field: ReceptiveField = receptive_field(self.backbone, image_size, in_channels)
-        self.add_on = nn.Sequential(
-            nn.Conv2d(self.backbone.out_channels, prototype_dim, kernel_size=1),
-            nn.ReLU(),
-            nn.Conv2d(prototype_dim, prototype_dim, kernel_size=1),
-            nn.Sigmoid(),
-        )
-        for conv in self.add_on.modules():
-            if isinstance(conv, nn.Conv2d):
-                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
-        owners = torch.arange(num_classes).repeat_interleave(prototypes_per_class)  # (P,)
+        branches = [build_add_on(self.backbone.out_channels, prototype_dim, add_on_activations)]
+        branches += [
+            build_add_on(self.backbone.out_channels, prototype_dim, add_on_activations)
+            for _ in range(sets - 1)
+        ]
+        self.add_on = branches[0] if sets == 1 else ParallelAddOn(branches)
+        owners = torch.arange(num_classes).repeat_interleave(prototypes_per_class).repeat(sets)  # (P,)
         prototypes = bank(
-            num_prototypes=len(owners), dim=prototype_dim, owners=owners, metric="l2", learnable=True
+            num_prototypes=len(owners),
+            dim=self.prototype_dim,
+            owners=owners,
+            metric=similarity.metric,
+            learnable=True,
         )
         with torch.no_grad():
             prototypes.vectors.uniform_(0.0, 1.0)  # the reference's torch.rand: inside the sigmoid's range
-        self.prototype_layer = PrototypeLayer(prototypes, similarity or L2Similarity())
+            block = torch.arange(len(owners)) // (len(owners) // sets)  # (P,) set s = prototypes s*C*K...
+            outside = torch.arange(sets)[None, :] != block[:, None]  # (P, S)
+            prototypes.vectors.view(len(owners), sets, prototype_dim)[outside] = 0.0
+        self.prototype_layer = PrototypeLayer(prototypes, similarity)
         self.last_layer = nn.Linear(len(owners), num_classes, bias=False)
         self.set_class_connections(incorrect_class_connection)
         # High-activation box of each prototype on its source image (x0, y0, x1, y1); -1 before any push.
@@ -183,11 +248,39 @@ class ProtoPNet(nn.Module):
         # Bumped by every push and prune, so that pictures can be re-rendered when the prototypes change.
         self.register_buffer("revision", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_pre_hook(self._resize_for_state)
+        self.constrain_prototypes_()
 
     # ------------------------------------------------------------------ structure
     @property
     def bank(self) -> PrototypeBank:
         return self.prototype_layer.bank
+
+    def prototype_set_ids(self) -> torch.Tensor:
+        """(P,) the set of every prototype: the channel block it is non-zero in (always 0 for one set)."""
+        return prototype_blocks(self.bank.vectors, len(self.set_names))
+
+    def prototype_sets(self) -> dict[str, torch.Tensor]:
+        """Prototype ids (into the bank and the last layer's columns) of every named set."""
+        ids = self.prototype_set_ids()
+        return {name: (ids == s).nonzero().flatten() for s, name in enumerate(self.set_names)}
+
+    @torch.no_grad()
+    def constrain_prototypes_(self, set_ids: torch.Tensor | None = None) -> None:
+        """Zero every prototype outside its set's channel block and, with ``unit_prototypes``, rescale it to
+        unit norm (the reference TesNet / ST-ProtoPNet renormalise after every optimiser step); called by
+        the training recipe after each step and by push (which passes the sets ``set_ids`` (P,) read before
+        it copied whole patches into the bank). A no-op for ProtoPNet."""
+        sets = len(self.set_names)
+        if sets == 1 and not self.unit_prototypes:
+            return
+        vectors = self.bank.vectors
+        if sets > 1:
+            blocks = vectors.view(len(vectors), sets, -1)  # (P, S, D)
+            set_ids = self.prototype_set_ids() if set_ids is None else set_ids
+            outside = torch.arange(sets, device=vectors.device)[None, :] != set_ids[:, None]
+            blocks[outside] = 0.0
+        if self.unit_prototypes:
+            self.bank.normalize_()
 
     @property
     def prototype_bank(self) -> PrototypeBank:
@@ -317,7 +410,9 @@ class ProtoPNet(nn.Module):
                     stacklevel=3,
                 )
             rf_boxes = self.receptive_field.boxes(result.locations.cpu())
+            set_ids = self.prototype_set_ids()  # before the patches (non-zero in every block) replace them
             self.bank.project(result, rf_boxes=rf_boxes, step=step)
+            self.constrain_prototypes_(set_ids)
             self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
             self.revision += 1
         duplicates = self.duplicate_counts()
@@ -345,8 +440,9 @@ class ProtoPNet(nn.Module):
     def duplicate_counts(self) -> torch.Tensor:
         """(C,) per class, the number of prototypes whose source patch (image, location) repeats another's."""
         location = self.bank.location
-        keys = torch.stack([self.owners, self.bank.source_sample, location[:, 0], location[:, 1]], dim=1)
-        unique_keys = torch.unique(keys, dim=0)  # (U, 4)
+        sample, sets = self.bank.source_sample, self.prototype_set_ids()  # sets: different spaces
+        keys = torch.stack([self.owners, sample, location[:, 0], location[:, 1], sets], dim=1)
+        unique_keys = torch.unique(keys, dim=0)  # (U, 5)
         per_class = torch.bincount(self.owners, minlength=self.num_classes)
         distinct = torch.bincount(unique_keys[:, 0], minlength=self.num_classes)
         return (per_class - distinct).cpu()
