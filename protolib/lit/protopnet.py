@@ -34,7 +34,8 @@ class ProtoPNetModule(ClassifierModule):
 
     ``net`` offers ``extract`` (``"logits"``, ``"features"``, ``"prototype_similarity"`` (B, P) and whatever
     its loss reads), ``parameter_groups()`` (named parts: ProtoPNet's are backbone, add_on, prototypes,
-    last_layer), ``push`` and ``prune``. ``loss(outputs, labels, net)`` returns the total and its terms.
+    last_layer), ``push`` and ``prune``, and optionally ``constrain_prototypes_()`` (run after every step).
+    ``loss(outputs, labels, net)`` returns the total and its terms.
     The optimiser (Adam by default, as the paper) gets one parameter group per part; the schedule sets which
     are trained and at which learning rate.
     """
@@ -70,6 +71,13 @@ class ProtoPNetModule(ClassifierModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, terms = self.loss(outputs, batch["label"], self.net)
         return total, {name: value.detach() for name, value in terms.items()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Projected gradient descent: a network with constrained prototypes (TesNet's and ST-ProtoPNet's unit
+        # norm) restores the constraint after every optimiser step, as their reference code does.
+        constrain = getattr(self.net, "constrain_prototypes_", None)
+        if constrain is not None:
+            constrain()
 
     # --- phases ---------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -343,14 +343,14 @@ class ProtoPNet(nn.Module):
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The contract ``explain`` and the OOD suite read: ``logits`` (B, C), ``features`` =
         ``prototype_similarity`` (B, P) (the last layer's input: ``last_layer(features) == logits``) and
-        ``min_distances`` (B, P) for the losses."""
+        ``min_distances`` (B, P) for the losses (the similarity's cost distances: TesNet's cosine)."""
         output = self(images)
         similarities = output.similarities  # (B, P)
         return {
             "logits": output.logits,
             "features": similarities,
             "prototype_similarity": similarities,
-            "min_distances": output.min_distances,
+            "min_distances": output.activations.cost_min_distances,
         }
 
     def contributions(self, similarities: torch.Tensor) -> torch.Tensor:
