@@ -9,15 +9,20 @@ from typing import Any
 import lightning as L
 
 from explain.prototypes import render_prototypes
+from explain.push_quality import datamodule_push_quality
 from protolib.lit.callbacks.protopnet import push_loader
+from protolib.utils.io import atomic_write_json
 from protolib.utils.modes import evaluating
 
 log = logging.getLogger(__name__)
 
 
 class PrototypePictures(L.Callback):
-    """After each push (and pruning), write every prototype's picture, the class gallery and
-    ``prototypes.json`` into ``<run dir>/<dirname>/epoch-XXX`` (run dir = ``trainer.default_root_dir``).
+    """After each push (and pruning), write every prototype's picture, the class gallery,
+    ``prototypes.json`` and ``quality.json`` (:mod:`explain.push_quality`: background share, distinct
+    sources, duplicates, part score) into ``<run dir>/<dirname>/epoch-XXX`` (run dir =
+    ``trainer.default_root_dir``), and log the measures as ``push/<name>``; at test time they are logged
+    for the tested model as ``test/push_<name>``, so they reach ``metrics.json``.
 
     Works with any module whose ``model`` is a :class:`~protolib.models.protopnet.ProtoPNet`; renders at the
     end of the epoch that follows a push, when the prototypes are final for that push.
@@ -46,7 +51,21 @@ class PrototypePictures(L.Callback):
                 class_names=getattr(datamodule, "class_names", None),
                 classes_per_page=self.classes_per_page,
             )
-        log.info("wrote %d prototype pictures to %s", len(written), out_dir)
+        quality = datamodule_push_quality(pl_module.net, datamodule).summary()
+        atomic_write_json(out_dir / "quality.json", quality)
+        pl_module.log_dict({f"push/{name}": value for name, value in quality.items()}, rank_zero_only=True)
+        log.info(
+            "wrote %d prototype pictures to %s; push quality: %s",
+            len(written),
+            out_dir,
+            ", ".join(f"{name} {value:.3g}" for name, value in quality.items()),
+        )
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if int(pl_module.net.revision) == 0:  # never pushed: nothing to measure
+            return
+        quality = datamodule_push_quality(pl_module.net, trainer.datamodule).summary()
+        pl_module.log_dict({f"test/push_{name}": value for name, value in quality.items()}, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rendered_revision": self.rendered_revision}

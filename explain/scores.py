@@ -32,15 +32,12 @@ def defining_masks(
     return table[owners.long()[:, None, None], masks.long()]
 
 
-def box_part_fractions(
-    boxes: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) on mask (N, H, W)
-    that belong to a part defining class ``owners`` (N,)."""
-    if boxes.shape != (len(masks), 4) or masks.dim() != 3 or len(owners) != len(masks):
+def box_fractions(boxes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) that are True in
+    the boolean mask (N, H, W) of the same image."""
+    if boxes.shape != (len(masks), 4) or masks.dim() != 3:
         raise ValueError(
-            f"expected boxes (N, 4), masks (N, H, W), owners (N,); got {tuple(boxes.shape)}, "
-            f"{tuple(masks.shape)}, {tuple(owners.shape)}"
+            f"expected boxes (N, 4) and masks (N, H, W); got {tuple(boxes.shape)}, {tuple(masks.shape)}"
         )
     x0, y0, x1, y1 = (v[:, None, None] for v in boxes.long().unbind(1))  # each (N, 1, 1)
     if ((x1 <= x0) | (y1 <= y0)).any():
@@ -48,8 +45,17 @@ def box_part_fractions(
     rows = torch.arange(masks.shape[1])[None, :, None]  # (1, H, 1)
     cols = torch.arange(masks.shape[2])[None, None, :]  # (1, 1, W)
     inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (N, H, W)
-    on_part = inside & defining_masks(masks, owners, class_parts)
-    return on_part.flatten(1).sum(1) / inside.flatten(1).sum(1)
+    return (inside & masks.bool()).flatten(1).sum(1) / inside.flatten(1).sum(1)
+
+
+def box_part_fractions(
+    boxes: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) on mask (N, H, W)
+    that belong to a part defining class ``owners`` (N,)."""
+    if len(owners) != len(masks):
+        raise ValueError(f"expected owners ({len(masks)},) for masks (N, H, W); got {tuple(owners.shape)}")
+    return box_fractions(boxes, defining_masks(masks, owners, class_parts))
 
 
 @dataclass

@@ -74,6 +74,9 @@ def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path)
     assert len(list(pictures.glob("prototype-*.png"))) == 100
     assert (pictures / "gallery-01.png").stat().st_size > 0
     assert len(json.loads((pictures / "prototypes.json").read_text())) == 100
+    quality = json.loads((pictures / "quality.json").read_text())
+    assert 0.0 <= quality["background_share"] <= 1.0 and quality["distinct_sources_min"] >= 1
+    assert metrics["test/push_background_share"] == pytest.approx(quality["background_share"])
     # the same pictures from the checkpoint alone, through the command line
     explain_cli(["prototypes", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again")])
     assert len(list((tmp_path / "again").glob("prototype-*.png"))) == 100

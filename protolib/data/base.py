@@ -362,6 +362,11 @@ class VisionDataModule(L.LightningDataModule):
         """Batches of `held_out_dataset`, in order."""
         return self._loader(self.held_out_dataset(split), shuffle=False)
 
+    def foreground_mask(self, item: dict[str, Any]) -> torch.Tensor | None:
+        """(H, W) bool: the pixels of a dataset item that show the object, or None when the format does not
+        know (then push-quality measures skip the background share)."""
+        return None
+
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Undo normalisation of (..., C, H, W) images -> values in [0, 1] for pictures."""
         mean = self.mean.to(images.device, images.dtype)

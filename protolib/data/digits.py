@@ -42,6 +42,12 @@ class DigitsDataModule(VisionDataModule):
         self.interpolation = check_interpolation(interpolation)
         self.test_fraction = test_fraction
 
+    stroke_threshold = 0.25  # a pixel at >= 25 % of full ink is stroke; below is the blank background
+
+    def foreground_mask(self, item: dict[str, Any]) -> torch.Tensor:
+        """(H, W) bool: the pen strokes of a digit (denormalised intensity >= ``stroke_threshold``)."""
+        return self.denormalize(item["image"]).mean(dim=0) >= self.stroke_threshold
+
     def load_splits(self) -> SplitSources:
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().div_(16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]

@@ -213,6 +213,10 @@ class PartsDataModule(VisionDataModule):
         names = ["+".join(f"{PART_NAMES[p - 1]}@{cell}" for p, cell in layout) for layout in self.layouts]
         return SplitSources(sources["train"], sources["val"], sources["test"], names)
 
+    def foreground_mask(self, item: dict[str, Any]) -> torch.Tensor:
+        """(H, W) bool: the pixels of any part (defining or distractor); the rest is background texture."""
+        return item["part_mask"] > 0
+
     @property
     def class_layout(self) -> list[Layout]:
         """((part id, cell), ...) defining each kept class, in label order."""
