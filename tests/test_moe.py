@@ -15,7 +15,9 @@ from protolib.nn.moe import (
     MoEMLP,
     PrototypeRouter,
     SoftmaxRouter,
+    expert_share,
     load_balancing_loss,
+    normalized_entropy,
     routing_contrastive_loss,
     sort_by_expert,
 )
@@ -187,3 +189,12 @@ def test_bad_input_errors() -> None:
         PrototypeRouter(dim=4, num_experts=2, bank=functools.partial(PrototypeBank, learnable=False))
     with pytest.raises(ValueError, match="capacity_factor"):
         SoftmaxRouter(dim=4, num_experts=2, capacity_factor=0)
+
+
+def test_expert_share_and_normalized_entropy() -> None:
+    share = expert_share(torch.tensor([[0, 0], [1, 3]]), 4)
+    assert share.tolist() == [0.5, 0.25, 0.0, 0.25]
+    expected = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25)) / np.log(4)
+    assert float(normalized_entropy(share)) == pytest.approx(expected)
+    assert float(normalized_entropy(torch.full((8,), 1 / 8))) == pytest.approx(1.0)
+    assert float(normalized_entropy(torch.tensor([1.0, 0.0, 0.0]))) == 0.0

@@ -79,6 +79,20 @@ def routing_contrastive_loss(
     return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
 
+def expert_share(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Share (E,) of the assignments in ``experts`` (any shape of expert ids) that each expert receives."""
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).float()
+    return counts / counts.sum().clamp_min(1)
+
+
+def normalized_entropy(share: torch.Tensor) -> torch.Tensor:
+    """Entropy of a distribution ``share`` (E,) divided by log E: 1 = every expert equally used, 0 = one."""
+    if share.numel() < 2:
+        return share.new_ones(())
+    p = share[share > 0]
+    return -(p * p.log()).sum() / math.log(share.numel())
+
+
 # ---------------------------------------------------------------------------------------------- routers
 def _check_top_k(top_k: int, num_experts: int) -> None:
     if num_experts < 1:
