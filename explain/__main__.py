@@ -2,6 +2,7 @@
 
 python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --out pictures/
 python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7 --out why.png
+python -m explain routing --checkpoint outputs/promoe_vit_parts/.../checkpoints/last.ckpt   # MoE routing
 """
 
 from __future__ import annotations
@@ -60,9 +61,21 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PNG",
         help="also write captum integrated gradients of the same logit to this PNG",
     )
+    routing = commands.add_parser(
+        "routing", help="routing maps, expert galleries, usage of an MoE checkpoint"
+    )
+    routing.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    routing.add_argument("--out", default=None, help="folder for the pictures (default: <run dir>/routing)")
+    routing.add_argument("--images", type=int, default=16, help="test images shown as routing maps")
+    routing.add_argument("--per-expert", type=int, default=8, help="gallery patches per expert")
     args = parser.parse_args(argv)
     if args.command == "local":
         explain_test_image(args)
+    elif args.command == "routing":
+        from explain.routing import render_routing_checkpoint
+
+        written = render_routing_checkpoint(args.checkpoint, args.out, args.images, args.per_expert)
+        print(f"wrote {len(written)} files to {written[0].parent}")
     else:
         written = render_checkpoint(args.checkpoint, args.out, args.classes_per_page)
         print(f"wrote {len(written)} files to {args.out}")

@@ -346,3 +346,39 @@ def render_routing(
         report["routing_purity"] = routing_purity(test.experts, test.parts)
     written.append(atomic_write_json(out / "routing.json", report))
     return written
+
+
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """``<run>/routing`` for ``<run>/checkpoints/<name>.ckpt`` (else a ``routing`` folder beside the file)."""
+    path = Path(checkpoint).resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run / "routing"
+
+
+def render_routing_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path | None = None, num_maps: int = 16, per_expert: int = 8
+) -> list[Path]:
+    """Routing explanations of an MoE checkpoint written by train.py, with the data it was trained on."""
+    from hydra.utils import instantiate
+
+    from protolib.lit.checkpoint import load_module
+
+    module = load_module(checkpoint)
+    net = getattr(module, "net", None)
+    if not isinstance(net, MoEViT) or not net.moe_blocks:
+        raise ValueError(
+            f"checkpoint {checkpoint} holds a {type(net).__name__} without MoE layers; routing explanations "
+            "need an MoE ViT (e.g. experiment=promoe_vit_digits)"
+        )
+    datamodule = instantiate(module.build_config["data"])
+    datamodule.setup("fit")
+    return render_routing(
+        net,
+        datamodule.push_dataloader().dataset,
+        datamodule.test_dataset,
+        out_dir or default_out_dir(checkpoint),
+        datamodule.denormalize,
+        class_names=datamodule.class_names,
+        num_maps=num_maps,
+        per_expert=per_expert,
+    )
