@@ -101,8 +101,18 @@ def test_missing_file_names_the_path_and_the_download(cifar10):
     (cifar10 / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match=r"data_batch_3 not found.*cifar-10-python.tar.gz"):
         CIFAR10DataModule(cifar10).setup()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError) as error:
         CIFAR10DataModule(cifar10 / "nowhere").setup()
+    for place in (cifar10 / "nowhere" / "cifar-10-batches-py", cifar10 / "nowhere"):  # both levels looked at
+        assert f"  - {place}\n" in str(error.value)
+
+
+def test_a_test_only_set_needs_only_the_test_batch(cifar10):
+    for i in range(1, 6):
+        (cifar10 / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    test = CIFAR10DataModule(cifar10, image_size=16).standalone_test_dataset()
+    raw = read(cifar10 / "cifar-10-batches-py" / "test_batch")
+    assert len(test) == 20 and test.targets.tolist() == raw[b"labels"]
 
 
 def test_truncated_pickle_is_a_clear_error(cifar10):

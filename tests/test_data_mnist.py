@@ -107,3 +107,39 @@ def test_image_and_label_counts_must_agree(tmp_path):
     (tmp_path / FILES[1]).write_bytes(idx_bytes(np.arange(39) % 10))
     with pytest.raises(ValueError, match=r"40 images but .* has 39"):
         MNISTDataModule(tmp_path).setup()
+
+
+@pytest.mark.parametrize(
+    ("module", "nesting"),
+    [
+        (MNISTDataModule, "MNIST/raw"),
+        (FashionMNISTDataModule, "FashionMNIST/raw"),
+        (MNISTDataModule, "raw"),
+    ],
+)
+def test_torchvision_and_raw_layouts_are_found(tmp_path, module, nesting):
+    arrays = write_mnist(tmp_path / nesting, gz=True)
+    dm = module(tmp_path, val_fraction=0.25)
+    dm.setup()
+    assert len(dm.test_dataset) == 20
+    assert dm.test_dataset.targets.tolist() == arrays[FILES[3]].tolist()
+
+
+def test_nothing_found_lists_every_place_looked(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        FashionMNISTDataModule(tmp_path).setup()
+    message = str(error.value)
+    for place in (tmp_path, tmp_path / "raw", tmp_path / "FashionMNIST" / "raw"):
+        assert f"  - {place}\n" in message
+    assert "fashion-mnist" in message
+
+
+def test_a_test_only_set_needs_only_its_test_files(tmp_path):
+    arrays = write_mnist(tmp_path, gz=False)
+    for name in FILES[:2]:
+        (tmp_path / name).unlink()  # e.g. notMNIST converted to idx: no training files
+    test = MNISTDataModule(tmp_path, image_size=16).standalone_test_dataset()
+    assert len(test) == 20 and test[0]["image"].shape == (1, 16, 16)
+    assert test.targets.tolist() == arrays[FILES[3]].tolist()
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\[\.gz\] not found"):
+        MNISTDataModule(tmp_path).setup()  # training still needs them

@@ -166,7 +166,7 @@ def test_missing_openood_sets_are_all_listed_before_any_work(tmp_path: Path, che
 
 
 def test_id_classes_that_differ_from_the_model_fail_clearly(tmp_path: Path, checkpoint: Path) -> None:
-    cfg = config(tmp_path, checkpoint, "benchmark.id.overrides.classes=[0,1,2,3]", "postprocessors=[msp]")
+    cfg = config(tmp_path, checkpoint, "+benchmark.id.overrides.classes=[0,1,2,3]", "postprocessors=[msp]")
     with pytest.raises(
         ValueError, match="the model predicts 6 classes but the ID data of benchmark digits has 4"
     ):
@@ -239,6 +239,8 @@ def test_mnist_format_id_against_another_mnist_format_set(tmp_path: Path, checkp
         for prefix, part in (("train", slice(0, 200)), ("t10k", slice(200, 260))):
             write_idx(tmp_path / folder / f"{prefix}-images-idx3-ubyte", selected[part])
             write_idx(tmp_path / folder / f"{prefix}-labels-idx1-ubyte", labels[part])
+    for kind in ("images-idx3", "labels-idx1"):  # a test-only OOD set needs only its test files
+        (tmp_path / "other" / f"train-{kind}-ubyte").unlink()
     cfg = config(
         tmp_path,
         checkpoint,

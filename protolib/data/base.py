@@ -251,6 +251,22 @@ class VisionDataModule(L.LightningDataModule):
         """Load the format's sources; implemented by each format."""
         raise NotImplementedError
 
+    def load_test_split(self) -> tuple[ImageSource, list[str]]:
+        """The test source and the class names alone; formats that can read them without the training files
+        override this, so that a set used only for testing (an OOD set) needs only its test files."""
+        splits = self.load_splits()
+        return splits.test, splits.class_names
+
+    def standalone_test_dataset(self) -> VisionDataset:
+        """The test split of the selected classes (eval pipeline) without `setup`: `load_test_split` only."""
+        if self.test_dataset is not None:
+            return self.test_dataset
+        source, names = self.load_test_split()
+        ids = resolve_classes(self.classes, names)
+        self._samples = {"test": (source, np.arange(len(source)))}
+        self._pipeline = Pipeline(self.in_channels, self.mean, self.std)
+        return self._select("test", ids, [names[c] for c in ids])
+
     def setup(self, stage: str | None = None) -> None:
         """Load the data once (later calls do nothing), select classes, carve validation, build datasets."""
         if self.train_dataset is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protolib.data.base import SplitSources, VisionDataModule
-from protolib.data.sources import TensorSource, require_file
+from protolib.data.sources import TensorSource, find_folder, require_file
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -55,12 +55,15 @@ class CIFARDataModule(VisionDataModule):
         super().__init__(image_size=image_size, in_channels=in_channels, **kwargs)
         self.root = Path(root)
 
+    def _hint(self) -> str:
+        return f"Download {self.archive_url} and extract it into {self.root}."
+
     def _folder(self) -> Path:
-        return self.root if (self.root / self.meta_file).exists() else self.root / self.folder
+        """``root`` itself when it holds the batches, else ``root/<archive folder>``."""
+        return find_folder([self.root / self.folder, self.root], [self.meta_file], self._hint())
 
     def _require(self, name: str) -> Path:
-        hint = f"Download {self.archive_url} and extract it into {self.root}."
-        return require_file(self._folder() / name, hint)
+        return require_file(self._folder() / name, self._hint())
 
     def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         path = self._require(name)
@@ -76,22 +79,24 @@ class CIFARDataModule(VisionDataModule):
             raise ValueError(f"{path} has {len(data)} images but {len(labels)} labels; the file is corrupt")
         return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
-    def load_splits(self) -> SplitSources:
+    def _class_names(self) -> list[str]:
         meta_path = self._require(self.meta_file)
-        names = [
+        return [
             n.decode() if isinstance(n, bytes) else str(n)
             for n in _field(_load_pickle(meta_path), self.names_key, meta_path)
         ]
+
+    def load_splits(self) -> SplitSources:
+        names = self._class_names()
         parts = [self._read(name) for name in self.train_files]
         train_images = torch.cat([images for images, _ in parts])
         train_labels = torch.cat([labels for _, labels in parts])
+        test, _ = self.load_test_split()
+        return SplitSources(TensorSource(train_images, train_labels, self.image_size), None, test, names)
+
+    def load_test_split(self) -> tuple[TensorSource, list[str]]:
         test_images, test_labels = self._read(self.test_file)
-        return SplitSources(
-            TensorSource(train_images, train_labels, self.image_size),
-            None,
-            TensorSource(test_images, test_labels, self.image_size),
-            names,
-        )
+        return TensorSource(test_images, test_labels, self.image_size), self._class_names()
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from protolib.data.base import SplitSources, VisionDataModule
-from protolib.data.sources import TensorSource, require_file
+from protolib.data.sources import TensorSource, find_folder, require_file
 
+IDX_KINDS = ("images-idx3", "labels-idx1")
 UBYTE = 0x08  # idx data-type code of unsigned bytes, the only type MNIST files use
 
 
@@ -46,17 +47,22 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 class MNISTDataModule(VisionDataModule):
-    """MNIST-format data: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` in ``root``, each maybe ``.gz``.
+    """MNIST-format data: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, each maybe ``.gz``.
+
+    The files are looked for in ``root``, ``<root>/raw`` and torchvision's ``<root>/MNIST/raw``
+    (``FashionMNIST/raw`` for Fashion-MNIST), in that order. A set used only for testing (an OOD set) needs
+    only the two ``t10k`` files.
 
     Args:
-        root: folder holding the four idx files (for a torchvision download: ``<root>/MNIST/raw``).
+        root: the folder of the idx files, or one above it (see above).
         image_size: side the 28x28 images are resized to.
         in_channels: 1 (grayscale) or 3 (repeated).
         **kwargs: common options of `VisionDataModule` (batch_size, val_fraction, classes, ...).
     """
 
     label_names: tuple[str, ...] = tuple(str(d) for d in range(10))
-    source_hint = "Download the four files from https://yann.lecun.com/exdb/mnist/ (or a mirror) into"
+    torchvision_folder = "MNIST"  # <root>/<this>/raw is where torchvision.datasets.MNIST downloads to
+    source_hint = "Put the idx files there (MNIST: https://yann.lecun.com/exdb/mnist/ or a mirror):"
     default_mean = (0.1307,)
     default_std = (0.3081,)
 
@@ -64,12 +70,19 @@ class MNISTDataModule(VisionDataModule):
         super().__init__(image_size=image_size, in_channels=in_channels, **kwargs)
         self.root = Path(root)
 
+    def _folder(self) -> Path:
+        """The first of root, root/raw, root/<torchvision folder>/raw that holds any of the idx files."""
+        names = [f"{p}-{k}-ubyte{gz}" for p in ("train", "t10k") for k in IDX_KINDS for gz in ("", ".gz")]
+        candidates = [self.root, self.root / "raw", self.root / self.torchvision_folder / "raw"]
+        return find_folder(candidates, names, f"{self.source_hint} {self.root}.")
+
     def _file(self, name: str) -> Path:
-        """``name`` or ``name.gz`` in root (the uncompressed one when both exist)."""
-        for candidate in (self.root / name, self.root / f"{name}.gz"):
+        """``name`` or ``name.gz`` in the data folder (the uncompressed one when both exist)."""
+        folder = self._folder()
+        for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.exists():
                 return candidate
-        return require_file(self.root / f"{name}[.gz]", f"{self.source_hint} {self.root}.")
+        return require_file(folder / f"{name}[.gz]", f"{self.source_hint} {folder}.")
 
     def _read(self, prefix: str) -> TensorSource:
         images_path = self._file(f"{prefix}-images-idx3-ubyte")
@@ -82,6 +95,9 @@ class MNISTDataModule(VisionDataModule):
 
     def load_splits(self) -> SplitSources:
         return SplitSources(self._read("train"), None, self._read("t10k"), list(self.label_names))
+
+    def load_test_split(self) -> tuple[TensorSource, list[str]]:
+        return self._read("t10k"), list(self.label_names)
 
 
 class FashionMNISTDataModule(MNISTDataModule):
@@ -99,6 +115,7 @@ class FashionMNISTDataModule(MNISTDataModule):
         "Bag",
         "Ankle boot",
     )
+    torchvision_folder = "FashionMNIST"
     source_hint = "Download the four files from https://github.com/zalandoresearch/fashion-mnist into"
     default_mean = (0.2860,)
     default_std = (0.3530,)

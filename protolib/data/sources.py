@@ -109,6 +109,16 @@ def require_file(path: Path, hint: str) -> Path:
     return path
 
 
+def find_folder(candidates: Sequence[Path], names: Sequence[str], hint: str) -> Path:
+    """The first folder of ``candidates`` holding any of the files ``names``, else a FileNotFoundError that
+    lists every place looked (the layouts users already have: a download tool's nesting, or the files)."""
+    for folder in candidates:
+        if any((folder / name).exists() for name in names):
+            return folder
+    looked = "\n".join(f"  - {folder}" for folder in dict.fromkeys(candidates))
+    raise FileNotFoundError(f"none of {', '.join(names[:4])} found; looked in:\n{looked}\n{hint}")
+
+
 def open_image(path: str | os.PathLike, channels: int) -> Image.Image:
     """Decode an image file with PIL into mode "L" (channels=1) or "RGB" (channels=3).
 

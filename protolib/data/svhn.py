@@ -76,10 +76,9 @@ class SVHNDataModule(VisionDataModule):
             extra_images, extra_labels = self._read("extra")
             train_images = torch.cat([train_images, extra_images])
             train_labels = torch.cat([train_labels, extra_labels])
+        test, names = self.load_test_split()
+        return SplitSources(TensorSource(train_images, train_labels, self.image_size), None, test, names)
+
+    def load_test_split(self) -> tuple[TensorSource, list[str]]:
         test_images, test_labels = self._read("test")
-        return SplitSources(
-            TensorSource(train_images, train_labels, self.image_size),
-            None,
-            TensorSource(test_images, test_labels, self.image_size),
-            [str(d) for d in range(10)],
-        )
+        return TensorSource(test_images, test_labels, self.image_size), [str(d) for d in range(10)]

@@ -8,7 +8,9 @@ A benchmark config (``conf/ood/benchmark/<name>.yaml``) has
 - ``id.datasets``: optional ``{train, val, test}`` dataset specs (e.g. OpenOOD image lists) replacing the
   datamodule's splits; the datamodule is then only asked for the format, never set up.
 - ``near`` / ``far``: name -> OOD set spec, one of ``{held_out: <split>}`` (the ID datamodule's held-out
-  classes), ``{datamodule: <config>, split: <split>}`` or ``{dataset: <config>}``.
+  classes; left out with a note when the model was trained on every class), ``{datamodule: <config>,
+  split: <split>}`` (``split: test`` reads only the test files where the format can) or
+  ``{dataset: <config>}``.
 
 Every set is built before any feature is extracted; all missing files are reported together.
 """
@@ -16,7 +18,7 @@ Every set is built before any feature is extracted; all missing files are report
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -59,6 +61,7 @@ class Benchmark:
     mean: torch.Tensor  # (C, 1, 1)
     std: torch.Tensor  # (C, 1, 1)
     num_classes: int | None = None  # of the ID datamodule, when it was set up
+    notes: list[str] = field(default_factory=list)  # what was left out of the config and why
 
     def groups(self) -> dict[str, list[DataSet]]:
         """OOD sets per group, in config order."""
@@ -207,9 +210,16 @@ def build_benchmark(
                 )
 
     ood: list[DataSet] = []
+    notes: list[str] = []
     for group, set_name, spec in ood_specs:
         if "held_out" in spec and not ready:
             continue  # the ID data is missing, and already reported
+        if "held_out" in spec and not datamodule.held_out_class_names:
+            notes.append(
+                f"{group}-OOD {set_name} left out: the model was trained on every class of "
+                f"{type(datamodule).__name__}, none is held out (train with data.classes=[...] to have some)"
+            )
+            continue
         dataset = missing.attempt(
             f"{group}-OOD {set_name}", lambda spec=spec: build_ood_set(spec, datamodule, fmt, mean, std)
         )
@@ -232,9 +242,12 @@ def build_benchmark(
             f"got {sorted(id_splits)}"
         )
     if not ood:
-        raise ValueError(f"benchmark {name} has no OOD set; add entries under near: or far:")
+        left = "".join(f"; {note}" for note in notes)
+        raise ValueError(f"benchmark {name} has no OOD set{left}; add entries under near: or far:")
     num_classes = datamodule.num_classes if ready else None
-    return Benchmark(name, id_splits, ood, fmt["in_channels"], fmt["image_size"], mean, std, num_classes)
+    return Benchmark(
+        name, id_splits, ood, fmt["in_channels"], fmt["image_size"], mean, std, num_classes, notes
+    )
 
 
 def build_ood_set(
@@ -251,13 +264,16 @@ def build_ood_set(
     if kinds[0] == "datamodule":
         datamodule = instantiate_accepting(spec["datamodule"], **fmt)
         datamodule.prepare_data()
-        datamodule.setup("fit")
         split = spec.get("split", "test")
-        dataset = getattr(datamodule, f"{split}_dataset", None)
-        if dataset is None:
+        if split not in ID_SPLITS:
             raise ValueError(
                 f"{type(datamodule).__name__} has no {split!r} split; use one of {list(ID_SPLITS)}"
             )
+        if split == "test" and hasattr(datamodule, "standalone_test_dataset"):
+            dataset = datamodule.standalone_test_dataset()  # a test-only set needs only its test files
+        else:
+            datamodule.setup("fit")
+            dataset = getattr(datamodule, f"{split}_dataset")
         return InDistributionFormat(
             dataset, **fmt, mean=mean, std=std, source_mean=datamodule.mean, source_std=datamodule.std
         )

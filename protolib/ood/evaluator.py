@@ -48,7 +48,8 @@ class OODEvaluator:
     """Runs ``postprocessors`` (name -> instance) for ``model`` on ``benchmark``.
 
     ``cache`` (a :class:`FeatureCache`) keeps extracted features on disk between runs; ``chunk_size`` rows are
-    scored at a time so memory stays bounded for large datasets.
+    fitted and scored at a time so memory stays bounded for large datasets. With ``skip_unsupported`` a
+    postprocessor this model cannot run is left out (``left_out``: name -> why) instead of failing the run.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class OODEvaluator:
         batch_size: int = 256,
         num_workers: int = 0,
         chunk_size: int = 4096,
+        skip_unsupported: bool = False,
     ) -> None:
         if not postprocessors:
             raise ValueError("no postprocessors to run; pass e.g. postprocessors=[msp,energy,knn]")
@@ -67,6 +69,9 @@ class OODEvaluator:
         self.postprocessors = dict(postprocessors)
         self.cache = cache
         self.batch_size, self.num_workers, self.chunk_size = batch_size, num_workers, chunk_size
+        self.skip_unsupported = skip_unsupported
+        self.left_out: dict[str, str] = {}  # postprocessor -> why it cannot score this model
+        self._checked = False
         self._features: dict[str, Features] = {}
 
     def loader(self, data: DataSet) -> DataLoader:
@@ -91,8 +96,11 @@ class OODEvaluator:
                 )
         return self._features[data.name]
 
-    def check(self) -> None:
-        """Probe one ID batch; fail now if a postprocessor cannot score this model or lacks its fit split."""
+    def check(self) -> dict[str, str]:
+        """Probe one ID batch; fail now if a postprocessor cannot score this model or lacks its fit split.
+
+        With ``skip_unsupported`` those postprocessors are dropped instead; returns name -> reason for them.
+        """
         batch = next(iter(self.loader(self.benchmark.id_splits["test"])))
         outputs = extract_batch(self.model, batch["image"])
         expected = self.benchmark.num_classes
@@ -106,14 +114,23 @@ class OODEvaluator:
         for name, postprocessor in self.postprocessors.items():
             try:
                 postprocessor.check(self.model, keys)
+                split = postprocessor.fit_split
+                if split is not None and split not in self.benchmark.id_splits:
+                    raise ValueError(
+                        f"it fits on the ID {split} split, which benchmark {self.benchmark.name} does not "
+                        "have; add it to the benchmark's id config"
+                    )
             except ValueError as err:
-                raise ValueError(f"postprocessor {name}: {err}") from err
-            split = postprocessor.fit_split
-            if split is not None and split not in self.benchmark.id_splits:
-                raise ValueError(
-                    f"postprocessor {name} fits on the ID {split} split, which benchmark "
-                    f"{self.benchmark.name} does not have; add it to the benchmark's id config"
-                )
+                if not self.skip_unsupported:
+                    raise ValueError(f"postprocessor {name}: {err}") from err
+                self.left_out[name] = str(err)
+        for name in self.left_out:
+            del self.postprocessors[name]
+        if not self.postprocessors:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.left_out.items())
+            raise ValueError(f"none of the selected postprocessors can score this model ({reasons})")
+        self._checked = True
+        return self.left_out
 
     def scores(self, postprocessor: Postprocessor, data: DataSet) -> np.ndarray:
         """Scores (N,) of every sample of ``data``: from its extracted features, or its images when needed."""
@@ -135,7 +152,8 @@ class OODEvaluator:
 
     def run(self) -> OODResults:
         """Fit every postprocessor, score ID test and every OOD set, compute metrics."""
-        self.check()
+        if not self._checked:
+            self.check()
         benchmark = self.benchmark
         for postprocessor in self.postprocessors.values():
             if getattr(postprocessor, "input_std", ()) is None:  # ODIN: a step in pixel units of this data
@@ -151,7 +169,9 @@ class OODEvaluator:
         for name, postprocessor in self.postprocessors.items():
             if postprocessor.fit_split is not None:
                 log.info("fitting %s on the ID %s split", name, postprocessor.fit_split)
-                postprocessor.fit(self.model, self.features(benchmark.id_splits[postprocessor.fit_split]))
+                postprocessor.fit(
+                    self.model, self.features(benchmark.id_splits[postprocessor.fit_split]), self.chunk_size
+                )
             id_scores = self.scores(postprocessor, id_test)
             all_scores[name] = {ID_SCORES: id_scores}
             for group, sets in benchmark.groups().items():
@@ -188,4 +208,7 @@ class OODEvaluator:
                         }
                     )
             log.info("%s done", name)
-        return OODResults(benchmark.name, accuracy, rows, all_scores, groups)
+        meta = {"left_out": dict(self.left_out)} if self.left_out else {}
+        if benchmark.notes:
+            meta["benchmark_notes"] = list(benchmark.notes)
+        return OODResults(benchmark.name, accuracy, rows, all_scores, groups, meta)

@@ -26,14 +26,19 @@ class Postprocessor:
     needs_images: ClassVar[bool] = False
 
     def fit(
-        self, model: nn.Module, data: Mapping[str, torch.Tensor] | Iterable[Mapping[str, Any]]
+        self,
+        model: nn.Module,
+        data: Mapping[str, torch.Tensor] | Iterable[Mapping[str, Any]],
+        chunk_size: int = 4096,
     ) -> Postprocessor:
         """Estimate what the score needs from ID data: extracted features (dict of tensors with "label"),
-        a dataloader of image batches, or one image batch. A no-op for postprocessors without a fit."""
+        a dataloader of image batches, or one image batch. A no-op for postprocessors without a fit.
+
+        In-memory features are fitted ``chunk_size`` rows at a time (the evaluator's ``chunk_size``)."""
         if isinstance(data, Mapping) and "image" in data:
             data = [data]  # one batch of images
         if self.fit_split is not None:
-            self._fit(model, FeatureSource(data, model))
+            self._fit(model, FeatureSource(data, model, chunk_size))
         return self
 
     def check(self, model: nn.Module, keys: Collection[str]) -> None:
