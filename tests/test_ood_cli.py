@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from protolib.data.digits import DigitsDataModule
-from protolib.lit.checkpoint import build_module
+from protolib.lit.checkpoint import build_module, build_record
 from protolib.ood.cli import (
     CONFIG_DIR,
     check_postprocessor_names,
@@ -38,9 +38,7 @@ def save_untrained(tmp_path: Path, name: str, *overrides: str) -> Path:
     }
     module = build_module(model, build)
     path = tmp_path / f"{name}.ckpt"
-    torch.save(
-        {"state_dict": module.state_dict(), "protolib": {"model": model, "data": data, "build": build}}, path
-    )
+    torch.save({"state_dict": module.state_dict(), "protolib": build_record(model, data, build)}, path)
     return path
 
 
@@ -64,9 +62,9 @@ def palm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "palm",
         "experiment=palm_digits",
         "data.image_size=16",
-        "model.embedding_dim=16",
-        "model.prototypes_per_class=2",
-        "model.topk=1",
+        "model.net.embedding_dim=16",
+        "model.net.prototypes_per_class=2",
+        "model.net.topk=1",
     )
 
 
