@@ -27,7 +27,7 @@ Array = np.ndarray | torch.Tensor
 
 @dataclass
 class KMeansResult:
-    """``labels`` (N,) cluster of every point, ``centers`` (K, D), ``inertia`` and ``n_iter`` of the best run."""
+    """``labels`` (N,) cluster of each point, ``centers`` (K, D), ``inertia``, ``n_iter`` of the best run."""
 
     labels: np.ndarray
     centers: np.ndarray
@@ -44,7 +44,8 @@ def check_features(features: Array, name: str = "features") -> np.ndarray:
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise ValueError(
-            f"{name} has NaN/inf in {int(bad.sum())} of {len(x)} rows (first: row {int(np.flatnonzero(bad)[0])}); "
+            f"{name} has NaN/inf in {int(bad.sum())} of {len(x)} rows "
+            f"(first: row {int(np.flatnonzero(bad)[0])}); "
             "the network diverged or the input was not normalised: lower the learning rate or check the data."
         )
     return x
@@ -58,15 +59,12 @@ def _sq_dist_to(x: np.ndarray, x_sq: np.ndarray, center: np.ndarray) -> np.ndarr
 def kmeans_plus_plus(
     x: np.ndarray, k: int, rng: np.random.Generator, initial: np.ndarray | None = None
 ) -> np.ndarray:
-    """k-means++ seeding (one D^2-weighted draw per centre, as the reference ``kpp``) after ``initial`` centres.
+    """k-means++ seeding (one D^2-weighted draw per centre, as the reference ``kpp``) after ``initial``.
 
     Returns (k, D); ``initial`` (k0, D) are kept as the first centres (the labelled class means).
     """
     x_sq = np.einsum("nd,nd->n", x, x)
-    if initial is None or len(initial) == 0:
-        centers = [x[rng.integers(len(x))]]
-    else:
-        centers = list(initial)
+    centers = [x[rng.integers(len(x))]] if initial is None or len(initial) == 0 else list(initial)
     nearest = np.min([_sq_dist_to(x, x_sq, c) for c in centers], axis=0)  # (N,)
     while len(centers) < k:
         total = float(nearest.sum())
@@ -144,7 +142,7 @@ def semi_supervised_kmeans(
     use_gpu: bool | None = None,
     init: Array | None = None,
 ) -> KMeansResult:
-    """Cluster ``features`` (N, D) into ``num_clusters``; ``labels`` (N,) gives labelled rows' class, -1 elsewhere.
+    """Cluster ``features`` (N, D) into ``num_clusters``; ``labels`` (N,): a labelled row's class, else -1.
 
     Labelled classes become clusters ``0..k0-1`` in sorted class order (a class id ``c`` keeps id ``c`` when
     the known classes are ``0..k0-1``); they are never reassigned. Without labels this is plain k-means with
