@@ -82,7 +82,7 @@ def test_bad_inputs_name_the_fix() -> None:
         semi_supervised_kmeans(x, 2, np.where(y < 3, y, -1))
     x_nan = x.copy()
     x_nan[5, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN/inf in 1 of .* row 5"):
+    with pytest.raises(ValueError, match=r"NaN/inf in 1 of .* row 5"):
         semi_supervised_kmeans(x_nan, 4)
     with pytest.raises(ValueError, match="widen the range"):
         estimate_num_clusters(x, np.where(y < 3, y, -1), k_min=2, k_max=10)

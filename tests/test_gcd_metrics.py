@@ -62,7 +62,7 @@ def test_v2_and_v2b_match_brute_force(y_pred: np.ndarray) -> None:
 
 
 def test_v2_by_hand_with_more_clusters_than_classes() -> None:
-    # K=5: class 0 -> cluster 1 (3 of 4), 1 -> 0 (2 of 3), 2 -> 3 (3 of 5), 3 -> 2 (2 of 3); cluster 4 unmatched
+    # K=5: class 0 -> cluster 1 (3 of 4), 1 -> 0 (2 of 3), 2 -> 3 (3 of 5), 3 -> 2 (2 of 3); 4 unmatched
     all_acc, old_acc, new_acc = split_cluster_accuracy(Y_TRUE, PRED_K5, OLD, "v2")
     assert (all_acc, old_acc, new_acc) == pytest.approx((10 / 15, 5 / 7, 5 / 8))
     assert hungarian_match(Y_TRUE, PRED_K5)[0] == 1

@@ -55,7 +55,7 @@ def hungarian_match(y_true: ArrayLike, y_pred: ArrayLike) -> dict[int, int]:
 
 
 def cluster_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """Fraction of instances whose cluster is matched to their class (one Hungarian matching); NaN if empty."""
+    """Fraction of instances whose cluster is matched to their class (one Hungarian matching), NaN if none."""
     y_true, y_pred = _check(y_true, y_pred)
     if y_true.size == 0:
         return float("nan")
