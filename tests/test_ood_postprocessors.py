@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import EmpiricalCovariance
 from torch import nn
 
 from protolib.bank import PrototypeBank
+from protolib.ood.cli import CONFIG_DIR
 from protolib.ood.features import extract_features
 from protolib.ood.postprocessors import (
     ASH,
@@ -138,18 +142,32 @@ def test_mahalanobis_matches_numpy_and_sklearn(model: TinyModel, train: dict, te
     np.testing.assert_allclose(streamed.score(model, test_batch), expected, rtol=1e-4)
 
 
-def test_mahalanobis_palm_mode_matches_numpy(model: TinyModel, train: dict, test_batch: dict) -> None:
+@pytest.mark.parametrize("center", ["standardized", "raw"])
+def test_mahalanobis_palm_mode_matches_numpy(
+    model: TinyModel, train: dict, test_batch: dict, center: str
+) -> None:
+    # PALM's reference eval_maha, written out: standardise the unit features with the training mean and
+    # std, then (raw) subtract the unstandardised mean once more, or (standardized) centre at zero
     x_train, _, _ = numpy_parts(model, train)
-    unit = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    unit = x_train / (np.linalg.norm(x_train, axis=1, keepdims=True) + 1e-10)
     mean, std = unit.mean(axis=0), unit.std(axis=0) + 1e-10
     standardised = (unit - mean) / std
     precision = np.linalg.pinv(np.cov(standardised.T, bias=True))
     x, _, _ = numpy_parts(model, test_batch)
-    z = (x / np.linalg.norm(x, axis=1, keepdims=True) - mean) / std
+    z = (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10) - mean) / std
+    if center == "raw":
+        z = z - mean
     expected = -np.einsum("bf,fg,bg->b", z, precision, z)
-    postprocessor = Mahalanobis(normalize=True, standardize=True, class_conditional=False)
+    postprocessor = Mahalanobis(normalize=True, standardize=True, class_conditional=False, center=center)
     postprocessor.fit(model, loader(train, batch_size=50))
     np.testing.assert_allclose(postprocessor.score(model, test_batch), expected, rtol=1e-4)
+
+
+def test_palm_ssd_config_is_the_reference_centring() -> None:
+    config = OmegaConf.load(Path(CONFIG_DIR) / "postprocessors" / "palm_ssd.yaml")
+    assert instantiate(config.palm_ssd).center == "raw"
+    with pytest.raises(ValueError, match="choose one of"):
+        Mahalanobis(center="zero")
 
 
 def test_rmds_matches_numpy(model: TinyModel, train: dict, test_batch: dict) -> None:

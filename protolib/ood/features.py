@@ -12,14 +12,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from protolib.bank.distributed import all_gather, world_size
 from protolib.utils.io import atomic_torch_save
 from protolib.utils.modes import evaluating
 
@@ -76,6 +78,34 @@ def extract_features(
 ) -> Features:
     """All extracted features of ``loader`` in memory (see the module docstring for the keys)."""
     return concat_features(iter_extracted(model, loader, desc))
+
+
+def extract_split_across_ranks(model: nn.Module, dataset: Any, batch_size: int) -> Features:
+    """Extracted features of every item of ``dataset`` in order, each rank extracting only its share.
+
+    Under DDP a ``DistributedSampler(shuffle=False)`` gives rank r the items r, r + W, ... (padded to equal
+    length); the shares are all-gathered and interleaved back into dataset order, so every rank returns the
+    same features as one process would. Without DDP this is a plain ordered extraction.
+    """
+
+    return map_split_across_ranks(model, dataset, batch_size, lambda loader: extract_features(model, loader))
+
+
+def map_split_across_ranks(
+    model: nn.Module, dataset: Any, batch_size: int, compute: Callable[[Iterable[Any]], Features]
+) -> Features:
+    """``compute(loader)`` (a dict of (n, ...) tensors, one row per item) over ``dataset`` in order, each
+    rank computing only its share under DDP; see :func:`extract_split_across_ranks`."""
+    if world_size() == 1:
+        return compute(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    sampler = DistributedSampler(dataset, shuffle=False)
+    local = compute(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
+    device = module_device(model)
+    gathered = {}
+    for key, value in local.items():
+        stacked = all_gather(value.to(device)).cpu()  # (W, n, ...): rank r's j-th item is r + j W
+        gathered[key] = stacked.transpose(0, 1).reshape(-1, *value.shape[1:])[: len(dataset)]
+    return gathered
 
 
 def num_rows(features: Mapping[str, torch.Tensor]) -> int:

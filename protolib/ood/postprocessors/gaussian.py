@@ -16,6 +16,7 @@ from torch import nn
 from protolib.ood.features import FeatureSource
 from protolib.ood.postprocessors.base import Postprocessor, labels_of
 
+CENTERS = ("standardized", "raw")
 STD_EPS = 1e-10  # added to the standard deviation before dividing, as PALM's reference code does
 
 
@@ -134,9 +135,11 @@ class Mahalanobis(Postprocessor):
         standardize: then standardise each dimension with the training mean and std (PALM's test-time score).
         class_conditional: one Gaussian per class with a shared covariance (Mahalanobis/MDS); False fits a
             single Gaussian to all training features (SSD+ with one cluster, PALM's reference evaluation).
-
-    PALM's reference code centres the standardised features at the mean of the *unstandardised* ones; here
-    they are centred at their own mean (zero), which is the Mahalanobis distance the paper describes.
+        center: where the Gaussians sit once standardised (only matters with ``standardize``).
+            ``"standardized"``: at the standardised means (zero for one Gaussian), the Mahalanobis distance
+            the PALM paper describes. ``"raw"``: at the *unstandardised* means, as PALM's reference
+            ``eval_maha`` does (it subtracts the raw mean again after standardising): the numbers the
+            published PALM results come from.
     """
 
     name = "mahalanobis"
@@ -148,7 +151,11 @@ class Mahalanobis(Postprocessor):
         normalize: bool = False,
         standardize: bool = False,
         class_conditional: bool = True,
+        center: str = "standardized",
     ) -> None:
+        if center not in CENTERS:
+            raise ValueError(f"mahalanobis center={center!r}; choose one of {list(CENTERS)}")
+        self.center = center
         self.feature_key = feature_key
         self.requires = (feature_key,)
         self.normalize, self.standardize, self.class_conditional = normalize, standardize, class_conditional
@@ -182,7 +189,8 @@ class Mahalanobis(Postprocessor):
             # an affine change of coordinates: transform the statistics instead of a second pass over the data
             self._center = stats.mean()
             self._scale = stats.covariance().diagonal().clamp_min(0.0).sqrt() + STD_EPS
-            means = (means - self._center) / self._scale
+            if self.center == "standardized":  # "raw": the means stay unstandardised (PALM's eval_maha)
+                means = (means - self._center) / self._scale
             covariance = covariance / torch.outer(self._scale, self._scale)
         self.gaussians = SharedGaussians(means, covariance)
 
