@@ -269,14 +269,18 @@ class PrototypeBank(nn.Module):
 
     # ------------------------------------------------------------------ push / projection
     def nearest_per_prototype(
-        self, batches: Iterable[Sequence[torch.Tensor]], restrict_to_owner: bool = True
+        self,
+        batches: Iterable[Sequence[torch.Tensor]],
+        restrict_to_owner: bool = True,
+        allowed: torch.Tensor | None = None,
     ) -> PushResult:
-        """For every prototype, the nearest patch in ``batches`` (of its owner class if restricted).
+        """For every prototype, the nearest patch in ``batches`` (of its owner class if restricted; of the
+        classes ``allowed`` (P, C) bool marks for it, if given).
 
         ``batches`` yields ``(embeddings (B, D, H, W) or (B, D), labels (B,), sample_ids (B,))``; memory is
         bounded by one batch. The bank is not modified (see :meth:`project`). Gathered across DDP ranks.
         """
-        return nearest_patches(self.vectors, self.owners, self.metric, batches, restrict_to_owner)
+        return nearest_patches(self.vectors, self.owners, self.metric, batches, restrict_to_owner, allowed)
 
     @torch.no_grad()
     def project(

@@ -110,8 +110,11 @@ def nearest_patches(
     metric: str,
     batches: Iterable[Sequence[torch.Tensor]],
     restrict_to_owner: bool = True,
+    allowed: torch.Tensor | None = None,
 ) -> PushResult:
-    """For each prototype (P, D), the nearest patch over all ``batches`` (of its owner's class if restricted).
+    """For each prototype (P, D), the nearest patch over all ``batches`` (of its owner's class if restricted;
+    of a class ``c`` with ``allowed[p, c]`` if an ``allowed`` (P, C) mask is given, e.g. ProtoTree's classes
+    below a node).
 
     Restricted pushes compare each class's patches with that class's prototypes only (C times less work
     than masking a full distance matrix). Under DDP every rank streams its own batches and the best
@@ -124,11 +127,23 @@ def nearest_patches(
     best = _RunningBest(prototypes, metric)
     all_ids = torch.arange(p, device=device)
     by_owner = {int(o): all_ids[owners == o] for o in owners.unique()}
+    if allowed is not None and (allowed.shape[0] != p or allowed.dtype != torch.bool):
+        raise ValueError(
+            f"allowed must be a (P={p}, C) bool mask, got {tuple(allowed.shape)} {allowed.dtype}"
+        )
+    allowed = None if allowed is None else allowed.to(device)
     num_batches = 0
     for number, batch in enumerate(batches):
         num_batches += 1
         patches, labels, sample_ids, locations = _flatten_batch(batch, d, number, device)
         patches = patches.to(prototypes.dtype)
+        if allowed is not None:
+            for label in labels.unique().tolist():
+                proto_ids = allowed[:, label].nonzero().flatten() if label < allowed.shape[1] else all_ids[:0]
+                if len(proto_ids):
+                    patch_ids = (labels == label).nonzero().flatten()
+                    best.update(proto_ids, patch_ids, patches, sample_ids, locations)
+            continue
         if not restrict_to_owner:
             best.update(all_ids, torch.arange(len(patches), device=device), patches, sample_ids, locations)
             continue
