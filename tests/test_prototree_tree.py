@@ -135,8 +135,16 @@ def test_prune_removes_uninformative_subtrees_with_their_parent() -> None:
     assert kept_prototypes.tolist() == [0, 3, 4, 6]  # old prototypes of nodes 0, 5, 8, 12
     assert kept_leaves.tolist() == [2, 3, 5, 6, 7]  # old leaves of nodes 6, 7, 11, 13, 14
     assert tree.node_children.tolist() == [
-        [1, 4], [2, 3], [-1, -1], [-1, -1], [5, 6], [-1, -1], [7, 8], [-1, -1], [-1, -1]
-    ]  # fmt: skip
+        [1, 4],
+        [2, 3],
+        [-1, -1],
+        [-1, -1],
+        [5, 6],
+        [-1, -1],
+        [7, 8],
+        [-1, -1],
+        [-1, -1],
+    ]
     assert (tree.num_prototypes, tree.num_leaves, tree.depth) == (4, 5, 3)
     s = torch.rand(3, 4)
     reached = brute_force_paths(tree, s)

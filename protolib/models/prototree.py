@@ -119,8 +119,13 @@ class ProtoTree(nn.Module):
         self.tree = PrototypeTree(depth, num_classes)
         k = self.tree.num_prototypes
         # Owner of a prototype: its internal node (prototypes serve every class).
-        prototypes = bank(num_prototypes=k, dim=prototype_dim, owners=self.tree.prototype_nodes.clone(),
-                          metric="l2", learnable=True)  # fmt: skip
+        prototypes = bank(
+            num_prototypes=k,
+            dim=prototype_dim,
+            owners=self.tree.prototype_nodes.clone(),
+            metric="l2",
+            learnable=True,
+        )
         with torch.no_grad():
             prototypes.vectors.normal_(0.5, 0.1)  # the reference's init, inside the sigmoid's range
         self.prototype_layer = PrototypeLayer(prototypes, ExpL2Similarity())
@@ -196,8 +201,12 @@ class ProtoTree(nn.Module):
         (K,), location (K, 2), rf_box and activation_box (K, 4) x0, y0, x1, y1, score (K,) squared distance
         at push time, step (K,), node (K,) its node in the tree; -1 / NaN before any push."""
         metadata = self.bank.metadata
-        return {"owner": self.source_label, **metadata, "activation_box": self.activation_box,
-                "node": self.tree.prototype_nodes}  # fmt: skip
+        return {
+            "owner": self.source_label,
+            **metadata,
+            "activation_box": self.activation_box,
+            "node": self.tree.prototype_nodes,
+        }
 
     def paired_similarity_maps(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Similarity map (N, h, w) of prototype ``ids[i]`` on ``images[i]`` (N, C, H, W)."""
