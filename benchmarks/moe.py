@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", nargs="+", default=["digits", "parts"], help="accuracy part: datasets")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy part: seeds per model")
     parser.add_argument("--as-shipped", action="store_true", help="accuracy part: experiment configs as is")
+    parser.add_argument("--override", nargs="*", default=[], help="accuracy part: extra Hydra overrides")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/moe*.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"MoE block forward + backward, {tokens} tokens x 192, {args.threads} thread(s), {args.device}")
         print(table(rows, ["model", "experts", "active_hidden", "seconds", "vs_dense", "moe_speedup"]))
     if args.part in ("accuracy", "all"):
-        overrides = QUICK if args.quick else ([] if args.as_shipped else SMALL)
+        overrides = [*(QUICK if args.quick else ([] if args.as_shipped else SMALL)), *args.override]
         seeds = 1 if args.quick else args.seeds
         runs = [
             train_and_score(data, model, seed, overrides)
