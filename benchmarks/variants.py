@@ -1,0 +1,158 @@
+"""ProtoPNet and its variants side by side: accuracy on digits and parts over seeds, training time, prototypes
+kept, the explanation part score on parts, and the train-step time against ProtoPNet's.
+
+    PYTHONPATH=. python benchmarks/variants.py                          # every variant, 3 seeds
+    PYTHONPATH=. python benchmarks/variants.py --variants tesnet --seeds 0
+    PYTHONPATH=. python benchmarks/variants.py --quick       # smoke size (its numbers mean nothing)
+
+A variant ``<name>`` is measured through its shipped experiments ``<name>_digits`` and ``<name>_parts``
+(train.py's ``run``, CPU, the best pushed checkpoint tested). Add a variant by adding its name to VARIANTS.
+The part score is ``explain.scores.prototype_part_score``: the mean fraction of each prototype's
+high-activation box on its class's defining parts (image_mean: what boxes covering the whole image score).
+The step time is one joint-phase training step (forward, loss, backward, Adam step) of the parts model
+(small CNN, 3 x 32 x 32, batch 64) on random images. Prints a table and writes JSON atomically to
+benchmarks/results/variants.json (variants_quick.json with --quick); the thread count is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from benchmarks.protopnet import QUICK_SCHEDULE, images_per_second
+from explain.prototypes import load_checkpoint
+from explain.scores import prototype_part_score
+from protolib.cli.train import CONFIG_DIR, run
+from protolib.lit.checkpoint import build_module
+from protolib.utils.io import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Variants measured, each with experiments <name>_digits and <name>_parts; ProtoPNet is the reference row.
+VARIANTS = ["protopnet", "tesnet", "st_protopnet"]
+DATASETS = ("digits", "parts")
+STEP = {"in_chans": 3, "size": 32, "batch": 64}
+
+
+def compose_experiment(name: str, overrides: list[str], output_dir: str | None = None) -> Any:
+    """The composed train.py config of ``experiment=name`` (CPU, no progress bar)."""
+    fixed = ["trainer.accelerator=cpu", "+trainer.enable_progress_bar=false"]
+    if output_dir is not None:
+        fixed.append(f"output_dir={output_dir}")
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"experiment={name}", *fixed, *overrides])
+
+
+def train_once(variant: str, dataset: str, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """Train and test ``experiment=<variant>_<dataset>`` with ``seed``: test accuracy, wall time, prototypes
+    kept, and on parts the part score of the best (pushed) checkpoint."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose_experiment(f"{variant}_{dataset}", [f"seed={seed}", *overrides], out)
+        start = time.perf_counter()
+        metrics = run(cfg)
+        seconds = time.perf_counter() - start
+        (checkpoint,) = Path(out, "checkpoints").glob("best-*.ckpt")
+        module, datamodule = load_checkpoint(checkpoint)
+        row = {
+            "variant": variant,
+            "dataset": dataset,
+            "seed": seed,
+            "test_acc": metrics["test/acc"],
+            "seconds": seconds,
+            "prototypes": module.net.prototype_bank.num_prototypes,
+        }
+        if dataset == "parts":
+            score = prototype_part_score(
+                module.net, datamodule.push_dataloader().dataset, datamodule.class_parts
+            )
+            row.update(part_score=score.mean, part_image_mean=score.image_mean)
+    return row
+
+
+def step_seconds(variant: str, steps: int) -> float:
+    """Seconds per joint-phase training step of the variant's parts model on random images."""
+    torch.manual_seed(0)
+    cfg = compose_experiment(f"{variant}_parts", [])
+    build = {"num_classes": 10, "in_channels": STEP["in_chans"], "image_size": STEP["size"]}
+    module = build_module(cfg.model, build)
+    return STEP["batch"] / images_per_second(module, STEP["in_chans"], STEP["size"], STEP["batch"], steps)
+
+
+def summarise(rows: list[dict[str, Any]], variant: str, dataset: str, key: str) -> tuple[float, float]:
+    """Mean and standard deviation (0 for one seed) of ``key`` over the seeds of a variant / dataset."""
+    values = [r[key] for r in rows if r["variant"] == variant and r["dataset"] == dataset and key in r]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help=f"subset of {VARIANTS}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="smoke size: a few batches, one seed")
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: choose from {VARIANTS} (or add yours to VARIANTS)")
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    overrides = QUICK_SCHEDULE if args.quick else []
+    report: dict[str, Any] = {
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "seeds": seeds,
+    }
+    rows = [
+        train_once(variant, dataset, seed, overrides)
+        for variant in args.variants
+        for dataset in DATASETS
+        for seed in seeds
+    ]
+    report["runs"] = rows
+    steps = 3 if args.quick else 20
+    reference = step_seconds("protopnet", steps)
+    report["step"] = {**STEP, "protopnet_s": reference}
+    table = []
+    for variant in args.variants:
+        seconds = reference if variant == "protopnet" else step_seconds(variant, steps)
+        entry: dict[str, Any] = {"variant": variant, "step_s": seconds}
+        entry["step_vs_protopnet"] = seconds / reference
+        for dataset in DATASETS:
+            accuracy = summarise(rows, variant, dataset, "test_acc")
+            entry[f"{dataset}_acc"], entry[f"{dataset}_acc_std"] = accuracy
+            entry[f"{dataset}_seconds"], _ = summarise(rows, variant, dataset, "seconds")
+        entry["prototypes"] = int(summarise(rows, variant, "parts", "prototypes")[0])
+        entry["part_score"], entry["part_score_std"] = summarise(rows, variant, "parts", "part_score")
+        entry["part_image_mean"], _ = summarise(rows, variant, "parts", "part_image_mean")
+        table.append(entry)
+    report["table"] = table
+
+    print(f"\n{len(seeds)} seed(s), {report['threads']} thread(s)")
+    print(
+        "variant        digits acc      parts acc       train s (d/p)   protos  part score (image)  "
+        "step ms  vs ProtoPNet"
+    )
+    for e in table:
+        print(
+            f"{e['variant']:<14} {e['digits_acc']:.3f} ± {e['digits_acc_std']:.3f}  "
+            f"{e['parts_acc']:.3f} ± {e['parts_acc_std']:.3f}  "
+            f"{e['digits_seconds']:>6.0f} / {e['parts_seconds']:<6.0f} {e['prototypes']:>6}  "
+            f"{e['part_score']:.3f} ({e['part_image_mean']:.3f})       "
+            f"{1000 * e['step_s']:>7.1f}  {e['step_vs_protopnet']:>6.2f}x"
+        )
+    path = RESULTS / ("variants_quick.json" if args.quick else "variants.json")
+    atomic_write_json(path, report)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
