@@ -8,8 +8,9 @@ python -m explain routing --checkpoint outputs/promoe_vit_parts/.../checkpoints/
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from explain.prototypes import load_checkpoint, render_checkpoint
+from explain.prototypes import load_checkpoint, render_checkpoint, save_png
 
 
 def explain_test_image(args: argparse.Namespace) -> None:
@@ -22,6 +23,16 @@ def explain_test_image(args: argparse.Namespace) -> None:
     if not 0 <= args.index < len(test):
         raise ValueError(f"--index {args.index} is out of range: the test split has {len(test)} images")
     item = test[args.index]
+    if hasattr(module.net, "tree"):  # ProtoTree: the path the image takes down the tree
+        from explain.tree import explain_path
+
+        push_dataset = datamodule.push_dataloader().dataset
+        picture, summary = explain_path(
+            module.net, item["image"], push_dataset, datamodule.denormalize, datamodule.class_names
+        )
+        print(f"test image {args.index}, true class {item['label']}\n{summary}")
+        print(f"wrote {save_png(Path(args.out), picture)}")
+        return
     explanation = explain_image(
         module.net,
         item["image"],

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from protolib.models.protopnet import ProtoPNet, fetch_images, upsample_maps
+from protolib.models.prototree import ProtoTree
 from protolib.utils.io import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def render_prototypes(
     provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
     if (provenance["source_sample"] < 0).any():
         raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
-    device = model.last_layer.weight.device
+    device = model.prototype_bank.vectors.device
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
     written, patches, records = [], [], []
     for ids in torch.arange(len(provenance["owner"])).split(64):
@@ -175,9 +176,10 @@ def render_prototypes(
                     "activation_box": activation_box,
                     "push_distance": float(provenance["score"][p]),
                     "push_step": int(provenance["step"][p]),
-                    "weight_to_own_class": float(model.last_layer.weight[owner, p]),
                 }
             )
+            if model.last_layer is not None:  # ProtoTree has no last layer: its node is in the tree picture
+                records[-1]["weight_to_own_class"] = float(model.last_layer.weight[owner, p])
     owners = provenance["owner"].tolist()
     for number, page in enumerate(gallery_pages(patches, owners, names, classes_per_page), start=1):
         written.append(save_png(out_dir / f"gallery-{number:02d}.png", page))
@@ -186,24 +188,35 @@ def render_prototypes(
 
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, VisionDataModule]:
-    """A ProtoPNet module from a train.py checkpoint and its training data (set up), for explanations."""
+    """A ProtoPNet-family or ProtoTree module from a train.py checkpoint and its training data (set up)."""
     from hydra.utils import instantiate
 
     from protolib.lit.checkpoint import load_module
 
     module = load_module(checkpoint)
-    if not isinstance(getattr(module, "net", None), ProtoPNet):
-        raise ValueError(f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet module")
+    if not isinstance(getattr(module, "net", None), ProtoPNet | ProtoTree):
+        raise ValueError(
+            f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet or ProtoTree module"
+        )
     datamodule = instantiate(module.build_config["data"])
     datamodule.setup("fit")
     return module, datamodule
 
 
 def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_page: int = 25) -> list[Path]:
-    """Render the prototypes of a ProtoPNet checkpoint written by train.py, with its training data."""
+    """Render the prototypes of a ProtoPNet (or ProtoTree: also ``tree.png``, the whole tree) checkpoint
+    written by train.py, with its training data."""
     module, datamodule = load_checkpoint(checkpoint)
     dataset = datamodule.push_dataloader().dataset
-    return render_prototypes(
+    written = []
+    if isinstance(module.net, ProtoTree):
+        from explain.tree import save_tree
+
+        tree_path = Path(out_dir) / "tree.png"
+        written.append(
+            save_tree(module.net, dataset, datamodule.denormalize, tree_path, datamodule.class_names)
+        )
+    return written + render_prototypes(
         module.net,
         dataset,
         out_dir,

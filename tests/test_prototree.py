@@ -290,3 +290,24 @@ def test_short_training_on_parts_learns_and_reloads(tmp_path: Path) -> None:
     (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
     module = load_module(best)
     assert (module.net.provenance()["source_sample"] >= 0).all()  # the pushed tree was kept
+
+
+def test_tree_picture_and_path_explanation(datamodule: DigitsDataModule, tmp_path: Path) -> None:
+    from explain.tree import explain_path, render_tree, save_tree
+
+    net = make_net()
+    net.tree.leaf_logits.copy_(torch.eye(3)[[0, 1, 2, 0]] * 4)
+    dataset = datamodule.push_dataloader().dataset
+    net.push(datamodule.push_dataloader())
+    picture = render_tree(net, dataset, datamodule.denormalize, datamodule.class_names)
+    assert picture.width >= 4 * 56 and picture.height > 2 * 56  # four leaves side by side, two levels
+    assert save_tree(net, dataset, datamodule.denormalize, tmp_path / "tree.png").stat().st_size > 0
+    image = datamodule.test_dataset[0]["image"]
+    picture, summary = explain_path(net, image, dataset, datamodule.denormalize)
+    steps = net.explain_path(image)
+    with torch.no_grad():
+        walked = int(net.tree.leaf_nodes[net.eval()(image[None], "greedy").route.leaves[0]])
+    assert [s["node"] for s in steps] == net.tree.path_to(walked)  # the greedy path, root to leaf
+    for step in steps[:-1]:
+        assert step["present"] == (step["similarity"] > 0.5)
+    assert summary.count("node") == len(steps) and picture.height > 2 * 112
