@@ -2,7 +2,7 @@
 kept, the explanation part score on parts, and the train-step time against ProtoPNet's.
 
     PYTHONPATH=. python benchmarks/variants.py                          # every variant, 3 seeds
-    PYTHONPATH=. python benchmarks/variants.py --variants tesnet --seeds 0
+    PYTHONPATH=. python benchmarks/variants.py --variants tesnet --seeds 0 --datasets parts
     PYTHONPATH=. python benchmarks/variants.py --quick       # smoke size (its numbers mean nothing)
 
 A variant ``<name>`` is measured through its shipped experiments ``<name>_digits`` and ``<name>_parts``
@@ -97,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, help=f"subset of {VARIANTS}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few batches, one seed")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -114,7 +116,7 @@ def main() -> None:
     rows = [
         train_once(variant, dataset, seed, overrides)
         for variant in args.variants
-        for dataset in DATASETS
+        for dataset in args.datasets
         for seed in seeds
     ]
     report["runs"] = rows
@@ -130,7 +132,7 @@ def main() -> None:
             accuracy = summarise(rows, variant, dataset, "test_acc")
             entry[f"{dataset}_acc"], entry[f"{dataset}_acc_std"] = accuracy
             entry[f"{dataset}_seconds"], _ = summarise(rows, variant, dataset, "seconds")
-        entry["prototypes"] = int(summarise(rows, variant, "parts", "prototypes")[0])
+        entry["prototypes"] = max(r["prototypes"] for r in rows if r["variant"] == variant)
         entry["part_score"], entry["part_score_std"] = summarise(rows, variant, "parts", "part_score")
         entry["part_image_mean"], _ = summarise(rows, variant, "parts", "part_image_mean")
         table.append(entry)
@@ -149,7 +151,7 @@ def main() -> None:
             f"{e['part_score']:.3f} ({e['part_image_mean']:.3f})       "
             f"{1000 * e['step_s']:>7.1f}  {e['step_vs_protopnet']:>6.2f}x"
         )
-    path = RESULTS / ("variants_quick.json" if args.quick else "variants.json")
+    path = RESULTS / (args.output or ("variants_quick.json" if args.quick else "variants.json"))
     atomic_write_json(path, report)
     print(f"\nwrote {path}")
 

@@ -147,6 +147,7 @@ def render_prototypes(
         raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
     device = model.prototype_bank.vectors.device
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
+    sets = [model.set_names[s] for s in model.prototype_set_ids().tolist()]  # ST-ProtoPNet: trivial / support
     written, patches, records = [], [], []
     for ids in torch.arange(len(provenance["owner"])).split(64):
         images = fetch_images(dataset, provenance["source_sample"][ids].tolist()).to(device)  # (n, C, H, W)
@@ -158,6 +159,8 @@ def render_prototypes(
             activation_box = provenance["activation_box"][p].tolist()
             sample = int(provenance["source_sample"][p])
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
+            if len(model.set_names) > 1:
+                title += f" | {sets[p]}"
             written.append(
                 save_png(
                     out_dir / f"prototype-{p:04d}.png",
@@ -168,6 +171,7 @@ def render_prototypes(
             records.append(
                 {
                     "prototype": p,
+                    "set": sets[p],
                     "class": owner,
                     "class_name": names[owner],
                     "source_index": sample,

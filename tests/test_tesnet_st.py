@@ -214,7 +214,8 @@ def test_parts_training_raises_accuracy_and_explains(variant: str, tmp_path: Pat
     assert len(list(pictures.glob("prototype-*.png"))) == p
     explain_cli(["prototypes", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "prototypes.json").read_text() == (pictures / "prototypes.json").read_text()
-    assert len(json.loads((pictures / "prototypes.json").read_text())) == p
+    records = json.loads((pictures / "prototypes.json").read_text())
+    assert len(records) == p and {r["set"] for r in records} == set(module.net.set_names)
     explain_cli(
         ["local", "--checkpoint", str(checkpoint), "--index", "0", "--out", str(tmp_path / "why.png")]
     )
