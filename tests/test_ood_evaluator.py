@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import protolib.ood.features as features_module
@@ -163,6 +163,19 @@ def test_missing_openood_sets_are_all_listed_before_any_work(tmp_path: Path, che
         assert str(tmp_path / "openood" / "benchmark_imglist" / "cifar10" / expected) in message
     assert "9 dataset(s) missing" in message
     assert not (tmp_path / "cache").exists()  # nothing was extracted
+
+
+def test_openood_mnist_protocol_lists_its_sets(tmp_path: Path, checkpoint: Path) -> None:
+    cfg = config(tmp_path, checkpoint, "benchmark=mnist_openood", f"benchmark.root={tmp_path / 'openood'}")
+    with pytest.raises(FileNotFoundError) as error:
+        run(cfg)
+    lists = tmp_path / "openood" / "benchmark_imglist" / "mnist"
+    for split in ("train_mnist", "val_mnist", "test_mnist"):  # ID, then OpenOOD's near and far sets
+        assert str(lists / f"{split}.txt") in str(error.value)
+    for name in ("notmnist", "fashionmnist", "texture", "cifar10", "tin", "places365"):
+        assert str(lists / f"test_{name}.txt") in str(error.value)
+    assert "9 dataset(s) missing" in str(error.value)
+    assert OmegaConf.to_container(cfg.benchmark.near).keys() == {"notmnist", "fashionmnist"}
 
 
 def test_id_classes_that_differ_from_the_model_fail_clearly(tmp_path: Path, checkpoint: Path) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from protopnet_helpers import PER_CLASS, make_module, tiny_digits
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from protolib.data.digits import DigitsDataModule
@@ -103,6 +106,43 @@ def test_push_projects_each_prototype_onto_its_nearest_own_class_patch(datamodul
         maps = model.paired_similarity_maps(sources, torch.arange(len(sources)))  # (P, h, w)
     rows, cols = provenance["location"].unbind(dim=1)
     torch.testing.assert_close(maps[torch.arange(len(maps)), rows, cols], maps.amax(dim=(1, 2)))
+
+
+def reference_activation_box(embedding: np.ndarray, vector: np.ndarray, size: int) -> list[int]:
+    """push.py + find_high_activation_crop, written out: log similarity of ``vector`` (D,) to every patch of
+    ``embedding`` (D, h, w), upsampled bicubic to the image, box of the pixels >= its 95th percentile."""
+    distances = ((embedding - vector[:, None, None]) ** 2).sum(axis=0)  # (h, w)
+    activation = np.log((distances + 1) / (distances + 1e-4))
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(activation)[None, None].float(),
+        size=(size, size),
+        mode="bicubic",
+        align_corners=False,
+    )[0, 0].numpy()
+    rows, cols = np.nonzero(upsampled >= np.percentile(upsampled, 95))
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]  # x0, y0, x1, y1
+
+
+@pytest.mark.parametrize("which", ["before_push", "after_push"])
+def test_high_activation_boxes_from_the_prototype_before_or_after_the_push(
+    datamodule: DigitsDataModule, which: str
+) -> None:
+    model = make_module().net
+    model.activation_boxes = which
+    loader = datamodule.push_dataloader()
+    before = model.bank.vectors.detach().clone().numpy()
+    model.push(loader, warn=False)
+    provenance = model.provenance()
+    vectors = before if which == "before_push" else model.bank.vectors.detach().numpy()
+    sources = fetch_images(loader.dataset, provenance["source_sample"].tolist())
+    with torch.no_grad():
+        embeddings = model.eval().embed(sources).numpy()  # (P, D, h, w)
+    expected = [reference_activation_box(embeddings[p], vectors[p], 16) for p in range(len(vectors))]
+    assert provenance["activation_box"].tolist() == expected
+    other = ProtoPNet(3, 1, 16, "small_cnn", prototypes_per_class=PER_CLASS, prototype_dim=8)
+    assert other.activation_boxes == "before_push"  # the reference's choice is the default
+    with pytest.raises(ValueError, match="choose one of"):
+        ProtoPNet(3, 1, 16, "small_cnn", activation_boxes="pushed")
 
 
 def test_prototype_identity_comes_from_the_bank_owners_not_the_order(datamodule: DigitsDataModule) -> None:
@@ -206,6 +246,25 @@ def test_prune_removes_prototypes_whose_nearest_images_are_mostly_other_classes(
 
 
 # ---------------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("step", [5, 10, 1])
+def test_joint_lr_of_every_joint_epoch_is_the_references(step: int) -> None:
+    # the reference main.py: StepLR(joint_optimizer, step_size, gamma=0.1), stepped before each joint epoch
+    schedule = ProtoPNetSchedule(joint_lr_step=step)
+    names = list(schedule.joint_lr)
+    optimizer = torch.optim.SGD(
+        [{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in schedule.joint_lr.values()]
+    )
+    reference = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=0.1)
+    joint = [entry for entry in schedule.plan() if entry.phase == "joint"]
+    assert len(joint) == schedule.train_epochs - schedule.warm_epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # StepLR.step() before optimizer.step(), as the reference calls it
+        for entry in joint:
+            reference.step()
+            expected = dict(zip(names, (group["lr"] for group in optimizer.param_groups), strict=True))
+            assert schedule.learning_rates(entry) == pytest.approx(expected, rel=1e-12), entry.joint_epoch
+
+
 def test_paper_schedule_plan() -> None:
     schedule = ProtoPNetSchedule()
     plan = schedule.plan()

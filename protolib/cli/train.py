@@ -17,6 +17,7 @@ from protolib.lit.checkpoint import AtomicCheckpointIO, build_module, build_reco
 from protolib.utils.io import atomic_write_json, atomic_write_text
 from protolib.utils.modes import evaluating
 from protolib.utils.plots import plot_confusion_matrix
+from protolib.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -64,6 +65,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Seed, build, fit, test; write metrics.json, config.yaml and pictures into ``cfg.output_dir``."""
     validate_trainer_config(cfg)
+    configure_threads(cfg.get("threads"))
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

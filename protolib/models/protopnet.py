@@ -66,6 +66,9 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
 
 
+ACTIVATION_BOXES = ("before_push", "after_push")  # which prototype a push draws its high-activation box from
+
+
 def high_activation_boxes(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
     """Bounding boxes (N, 4) ``x0, y0, x1, y1`` (exclusive ends) of the pixels of each upsampled map (N, H, W)
     at or above its ``percentile``-th percentile: the paper's "high-activation region" of a prototype."""
@@ -183,6 +186,10 @@ class ProtoPNet(nn.Module):
         prototype_sets: names of S prototype sets (default one, unnamed); each has K prototypes per class,
             its own add-on branch and its own block of D channels of the embedding (S x D channels in all),
             prototypes zero outside their block; the similarity must split into S blocks.
+        activation_boxes: which prototype's similarity map a push draws the high-activation box from, on
+            the source image: "before_push" (the prototype as trained, before it is replaced by the patch:
+            the reference code's push.py) or "after_push" (the pushed prototype, i.e. the patch itself).
+            The receptive-field box is the same either way.
     """
 
     def __init__(
@@ -200,8 +207,12 @@ class ProtoPNet(nn.Module):
         add_on_activations: Sequence[str] = ("relu", "sigmoid"),
         unit_prototypes: bool = False,
         prototype_sets: Sequence[str] | None = None,
+        activation_boxes: str = "before_push",
     ) -> None:
         super().__init__()
+        if activation_boxes not in ACTIVATION_BOXES:
+            raise ValueError(f"activation_boxes={activation_boxes!r}; choose one of {list(ACTIVATION_BOXES)}")
+        self.activation_boxes = activation_boxes
         if prototypes_per_class < 1 or prototype_dim < 1:
             raise ValueError(
                 f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class} and "
@@ -373,11 +384,15 @@ class ProtoPNet(nn.Module):
             counts += torch.bincount(labels, minlength=self.num_classes)[: self.num_classes].cpu()
             yield self.embed(batch["image"].to(device)), labels.to(device), batch["index"].to(device)
 
-    def paired_similarity_maps(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def paired_similarity_maps(
+        self, images: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Similarity map (N, h, w) of prototype ``ids[i]`` on ``images[i]`` (N, C, H, W); keep N small
-        (distances of all N x N pairs are computed, through the model's own similarity function)."""
+        (distances of all N x N pairs are computed, through the model's own similarity function).
+        ``vectors`` (P, D) replace the bank's current prototype vectors (e.g. those before a push)."""
         embeddings = self.embed(images)  # (N, D, h, w)
-        prototypes = self.bank.vectors[ids.to(self.bank.vectors.device)]  # (N, D)
+        vectors = self.bank.vectors if vectors is None else vectors
+        prototypes = vectors[ids.to(vectors.device)]  # (N, D)
         distances = self.prototype_layer.similarity.distances(embeddings, prototypes)  # (N, N, h, w)
         own = torch.arange(len(ids), device=distances.device)
         return self.prototype_layer.similarity.similarity(distances[own, own])  # (N, h, w)
@@ -411,9 +426,11 @@ class ProtoPNet(nn.Module):
                 )
             rf_boxes = self.receptive_field.boxes(result.locations.cpu())
             set_ids = self.prototype_set_ids()  # before the patches (non-zero in every block) replace them
+            trained = self.bank.vectors.detach().clone()  # (P, D) before the push
             self.bank.project(result, rf_boxes=rf_boxes, step=step)
             self.constrain_prototypes_(set_ids)
-            self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
+            box_vectors = trained if self.activation_boxes == "before_push" else None
+            self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile, box_vectors))
             self.revision += 1
         duplicates = self.duplicate_counts()
         if warn and duplicates.any():
@@ -426,14 +443,17 @@ class ProtoPNet(nn.Module):
             )
         return PushReport(result.distances.cpu(), duplicates, counts, time.perf_counter() - start)
 
-    def _activation_boxes(self, dataset: Dataset, percentile: float, chunk: int = 64) -> torch.Tensor:
-        """(P, 4) high-activation box of every prototype on its (just recorded) source image."""
+    def _activation_boxes(
+        self, dataset: Dataset, percentile: float, vectors: torch.Tensor | None = None, chunk: int = 64
+    ) -> torch.Tensor:
+        """(P, 4) high-activation box of every prototype (``vectors``, default the bank's) on its (just
+        recorded) source image."""
         device = self.last_layer.weight.device
         sources = self.bank.source_sample.cpu()
         boxes = []
         for ids in torch.arange(len(sources)).split(chunk):
             images = fetch_images(dataset, sources[ids].tolist()).to(device)
-            maps = upsample_maps(self.paired_similarity_maps(images, ids), tuple(images.shape[-2:]))
+            maps = upsample_maps(self.paired_similarity_maps(images, ids, vectors), tuple(images.shape[-2:]))
             boxes.append(high_activation_boxes(maps, percentile).to(self.activation_box.device))
         return torch.cat(boxes)
 

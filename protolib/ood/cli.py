@@ -22,6 +22,7 @@ from protolib.ood.evaluator import OODEvaluator, OODResults
 from protolib.ood.features import FeatureCache
 from protolib.ood.postprocessors import Postprocessor
 from protolib.ood.report import markdown_table, write_report
+from protolib.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
 # conf/ood is the primary config folder: its groups benchmark/ and postprocessors/ are selected as
@@ -129,6 +130,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> OODResults:
         )
     checkpoint = Path(cfg.checkpoint).expanduser()
     device = resolve_device(str(cfg.device))
+    configure_threads(cfg.get("threads"))
     skip = skip_unsupported(str(cfg.get("unsupported", "auto")), overrides)
     postprocessors = build_postprocessors(cfg.postprocessors)
     model = load_module(checkpoint, map_location="cpu")

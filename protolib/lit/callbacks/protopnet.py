@@ -53,7 +53,9 @@ class ProtoPNetSchedule:
     ``push_start`` and every ``push_every`` epochs after it, each followed by ``last_layer_epochs`` epochs
     of last-layer-only optimisation. ``*_lr`` map the parameter groups a phase trains to their learning
     rate (groups not named are frozen); joint learning rates decay by ``joint_lr_gamma`` every
-    ``joint_lr_step`` joint epochs. ``prune`` removes prototypes after the last push (k nearest training
+    ``joint_lr_step`` joint epochs, as the reference's StepLR, which it steps *before* each joint epoch:
+    joint epoch e (0-based) trains at ``gamma ** ((e + 1) // step)``. ``prune`` removes prototypes after
+    the last push (k nearest training
     images, fewer than ``prune_threshold`` of their class), followed by ``prune_last_layer_epochs``.
     """
 
@@ -138,7 +140,8 @@ class ProtoPNetSchedule:
         if entry.phase == "warm":
             return dict(self.warm_lr)
         if entry.phase == "joint":
-            decay = self.joint_lr_gamma ** (entry.joint_epoch // self.joint_lr_step)
+            # the reference calls joint_lr_scheduler.step() before training each joint epoch
+            decay = self.joint_lr_gamma ** ((entry.joint_epoch + 1) // self.joint_lr_step)
             return {name: lr * decay for name, lr in self.joint_lr.items()}
         return dict(self.last_layer_lr)
 
