@@ -12,7 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 from protolib.data.base import Pipeline, VisionDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-BUILT_IN = {"digits", "parts"}
+BUILT_IN = {"digits", "parts", "gcd_digits"}
 ON_DISK = {"cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "cub", "imagefolder"}
 
 
