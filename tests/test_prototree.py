@@ -266,11 +266,15 @@ def test_recipe_trains_its_phases_updates_leaves_and_ends_pruned_and_pushed(
 @pytest.mark.parametrize("experiment", ["prototree_digits", "prototree_parts", "prototree_cub"])
 def test_experiment_configs_build(tmp_path: Path, experiment: str) -> None:
     cfg = compose_config(tmp_path, f"experiment={experiment}", "model.net.pretrained=false")
-    if experiment == "prototree_cub":  # the paper's recipe: ResNet50, depth 9; build it small, same shape
+    size = 32
+    if experiment == "prototree_cub":  # the paper's recipe: ResNet50, depth 9; build a shallow one, small
         assert cfg.model.net.depth == 9 and cfg.model.schedule.freeze_epochs == 30
-        cfg.model.net.backbone, cfg.model.net.block, cfg.model.net.depth = "small_cnn", [], 3
-    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": 32})
+        cfg.model.net.depth, size = 2, 64
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": size})
     assert isinstance(module, ProtoTreeModule) and isinstance(module.net, ProtoTree)
+    groups = module.net.parameter_groups()
+    if experiment == "prototree_cub":  # the reference trains ResNet50's last block (layer4.2) from the start
+        assert len(groups["block"]) == 9 and groups["add_on"][0].shape == (256, 2048, 1, 1)
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ class ProtoTree(nn.Module):
         backbone, pretrained: ``build_backbone`` name and whether to load its (timm) weights.
         depth: decisions from root to leaf (paper: 9 on CUB, 11 on Cars).
         prototype_dim: D, the add-on's output channels (paper: 256).
-        block: backbone parameter-name prefixes put in their own ``block`` group, trained from the first
+        block: backbone modules (dotted paths) put in their own ``block`` group, trained from the first
             epoch at the add-on's rate (the reference: ``layer4.2`` of ResNet50); the rest is ``backbone``.
         push_constraint: ``subtree`` (the reference's training script: a node's patch comes from an image of
             a class that some leaf below it predicts) or ``none`` (nearest patch of any training image).
@@ -105,7 +105,7 @@ class ProtoTree(nn.Module):
         self.block = tuple(block)
         self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
         names = [name for name, _ in self.backbone.named_parameters()]
-        unmatched = [prefix for prefix in self.block if not any(n.startswith(prefix) for n in names)]
+        unmatched = [prefix for prefix in self.block if not any(self._in_block(n, (prefix,)) for n in names)]
         if unmatched:
             raise ValueError(
                 f"block prefixes {unmatched} match no parameter of backbone {backbone!r} (its parameters "
@@ -156,10 +156,16 @@ class ProtoTree(nn.Module):
         The leaves are buffers, updated without gradients."""
         backbone, block = [], []
         for name, param in self.backbone.named_parameters():
-            (block if name.startswith(self.block) and self.block else backbone).append(param)
+            (block if self._in_block(name, self.block) else backbone).append(param)
         groups = {"backbone": backbone, "block": block, "add_on": list(self.add_on.parameters())}
         groups["prototypes"] = [self.bank.vectors]
         return {name: params for name, params in groups.items() if params}
+
+    @staticmethod
+    def _in_block(name: str, block: Sequence[str]) -> bool:
+        """Whether parameter ``name`` lies in one of the modules named by ``block`` (a dotted path such as
+        ``layer4.2`` anywhere in the name, as the reference's ``'layer4.2' in name``)."""
+        return any(f".{prefix}." in f".{name}" for prefix in block)
 
     def _resize_for_state(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
