@@ -265,6 +265,13 @@ def test_joint_lr_of_every_joint_epoch_is_the_references(step: int) -> None:
             assert schedule.learning_rates(entry) == pytest.approx(expected, rel=1e-12), entry.joint_epoch
 
 
+def test_st_protopnet_decays_from_joint_epoch_two() -> None:
+    # its reference steps StepLR(step_size=1, gamma=0.2) at epochs 7, 9, 11, 13 (5 warm-up epochs)
+    schedule = ProtoPNetSchedule(warm_epochs=5, joint_lr_step=2, joint_lr_gamma=0.2, joint_lr_first_decay=2)
+    backbone = [schedule.learning_rates(EpochPlan("joint", joint_epoch=e))["backbone"] for e in range(9)]
+    assert backbone == pytest.approx([1e-4 * 0.2**k for k in (0, 0, 1, 1, 2, 2, 3, 3, 4)])
+
+
 def test_paper_schedule_plan() -> None:
     schedule = ProtoPNetSchedule()
     plan = schedule.plan()

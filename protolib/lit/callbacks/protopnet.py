@@ -53,8 +53,9 @@ class ProtoPNetSchedule:
     ``push_start`` and every ``push_every`` epochs after it, each followed by ``last_layer_epochs`` epochs
     of last-layer-only optimisation. ``*_lr`` map the parameter groups a phase trains to their learning
     rate (groups not named are frozen); joint learning rates decay by ``joint_lr_gamma`` every
-    ``joint_lr_step`` joint epochs, as the reference's StepLR, which it steps *before* each joint epoch:
-    joint epoch e (0-based) trains at ``gamma ** ((e + 1) // step)``. ``prune`` removes prototypes after
+    ``joint_lr_step`` joint epochs, the first decay at joint epoch ``joint_lr_first_decay`` (0-based; None:
+    ``joint_lr_step - 1``, as the reference, which steps its StepLR *before* each joint epoch, so joint epoch
+    e trains at ``gamma ** ((e + 1) // step)``). ``prune`` removes prototypes after
     the last push (k nearest training
     images, fewer than ``prune_threshold`` of their class), followed by ``prune_last_layer_epochs``.
     """
@@ -71,6 +72,7 @@ class ProtoPNetSchedule:
     last_layer_lr: dict[str, float] = field(default_factory=lambda: {"last_layer": 1e-4})
     joint_lr_step: int = 5
     joint_lr_gamma: float = 0.1
+    joint_lr_first_decay: int | None = None
     weight_decay: dict[str, float] = field(default_factory=lambda: {"backbone": 1e-3, "add_on": 1e-3})
     push_percentile: float = 95.0
     prune: bool = False
@@ -90,6 +92,7 @@ class ProtoPNetSchedule:
             "push_every": self.push_every >= 1,
             "last_layer_epochs": self.last_layer_epochs >= 1,
             "joint_lr_step": self.joint_lr_step >= 1,
+            "joint_lr_first_decay": self.joint_lr_first_decay is None or self.joint_lr_first_decay >= 0,
             "prune_last_layer_epochs": not self.prune or self.prune_last_layer_epochs >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -140,8 +143,9 @@ class ProtoPNetSchedule:
         if entry.phase == "warm":
             return dict(self.warm_lr)
         if entry.phase == "joint":
-            # the reference calls joint_lr_scheduler.step() before training each joint epoch
-            decay = self.joint_lr_gamma ** ((entry.joint_epoch + 1) // self.joint_lr_step)
+            first = self.joint_lr_step - 1 if self.joint_lr_first_decay is None else self.joint_lr_first_decay
+            decays = 0 if entry.joint_epoch < first else 1 + (entry.joint_epoch - first) // self.joint_lr_step
+            decay = self.joint_lr_gamma**decays
             return {name: lr * decay for name, lr in self.joint_lr.items()}
         return dict(self.last_layer_lr)
 
