@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from protolib.bank import PrototypeBank
-from protolib.nn.similarity import Similarity
+from protolib.nn.deformable import OffsetPredictor, norm_preserving_sample, part_grid, part_positions
+from protolib.nn.similarity import PartCosineSimilarity, Similarity
 
 
 @dataclass
@@ -21,6 +22,7 @@ class PrototypeActivations:
     # (B, P) min-pooled distances the cluster / separation costs use; the same tensor as min_distances
     # unless the similarity's cost distances differ from its head distances (TesNet: cosine vs projection)
     cost_min_distances: torch.Tensor
+    offsets: torch.Tensor | None = None  # (B, 2n, H, W) deformable layers: (dy, dx) of every part
 
     @property
     def similarities(self) -> torch.Tensor:
@@ -61,3 +63,79 @@ class PrototypeLayer(nn.Module):
         cost = self.similarity.cost_distances(features, prototypes, distances)  # (B, P, H, W)
         cost_min = min_distances if cost is distances else cost.flatten(2).min(dim=2).values  # (B, P)
         return PrototypeActivations(distances, min_distances, self.similarity, cost_min)
+
+
+class DeformablePrototypeLayer(nn.Module):
+    """Deformable ProtoPNet's prototype layer: prototypes of ``kh x kw`` parts (D channels each; the bank
+    holds them flattened as (P, D * n), channel-major) whose parts move by offsets predicted from the input.
+
+    At every location the parts are placed on the ``dilation``-spaced grid centred there plus their offsets,
+    features are sampled there by norm-preserving interpolation (:mod:`protolib.nn.deformable`) and compared
+    with :class:`PartCosineSimilarity`. Offsets are shared by all prototypes (the reference's one deformable
+    group), so the sampled parts at a location are one candidate patch for every prototype: push ranks them
+    through the bank like ProtoPNet's 1 x 1 patches.
+    """
+
+    def __init__(
+        self,
+        bank: PrototypeBank,
+        channels: int,
+        similarity: PartCosineSimilarity | None = None,
+        parts: tuple[int, int] = (2, 2),
+        dilation: int = 2,
+        offset_hidden: int = 128,
+        feature_length: float = 64.0,
+    ) -> None:
+        super().__init__()
+        self.similarity = similarity or PartCosineSimilarity()
+        self.parts = (int(parts[0]), int(parts[1]))
+        grid, self.padding = part_grid(self.parts, dilation)
+        self.register_buffer("grid", grid, persistent=False)  # (n, 2) undeformed part positions
+        self.dilation, self.channels, self.feature_length = dilation, channels, feature_length
+        if bank.metric != self.similarity.metric or bank.dim != channels * self.num_parts:
+            raise ValueError(
+                f"deformable prototype bank must have metric {self.similarity.metric!r} and dim channels x "
+                f"parts = {channels} x {self.num_parts}, got {bank.metric!r} and {bank.dim}"
+            )
+        self.bank = bank
+        self.offset_predictor = OffsetPredictor(
+            channels + self.similarity.extra_channels, self.parts, hidden=offset_hidden
+        )
+
+    @property
+    def num_parts(self) -> int:
+        return self.parts[0] * self.parts[1]
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.bank.num_prototypes
+
+    def prototype_parts(self) -> torch.Tensor:
+        """The bank's vectors as (P, D, n)."""
+        return self.bank.vectors.view(-1, self.channels, self.num_parts)
+
+    def sample(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feature map (B, D, H, W) -> unit-length sampled parts (B, D + e, n, H, W), offsets (B, 2n, H, W)
+        and part positions (B, n, H, W, 2) (row, col) in feature-map pixels."""
+        unit = self.similarity.normalize_features(features)  # (B, D + e, H, W)
+        # The reference scales locations to length 64 / sqrt(n) before predicting offsets from them.
+        offsets = self.offset_predictor(unit * (self.feature_length / self.num_parts**0.5))
+        positions = part_positions(offsets, self.grid)
+        return norm_preserving_sample(unit, positions), offsets, positions
+
+    def forward(self, features: torch.Tensor) -> PrototypeActivations:
+        parts, offsets, _ = self.sample(features)
+        distances = self.similarity.distances(parts, self.prototype_parts())  # (B, P, H, W)
+        min_distances = distances.flatten(2).min(dim=2).values  # (B, P)
+        return PrototypeActivations(distances, min_distances, self.similarity, min_distances, offsets)
+
+    def push_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """Candidate patches for push (B, D * n, H, W): the sampled unit parts, extra channels dropped."""
+        parts, _, _ = self.sample(features)
+        b, _, n, h, w = parts.shape
+        return parts[:, : self.channels].reshape(b, self.channels * n, h, w)
+
+    def push_queries(self) -> torch.Tensor:
+        """Prototypes as push compares them with :meth:`push_patches` (P, D * n): parts normalised."""
+        normalised = self.similarity.normalize_prototypes(self.prototype_parts())[:, : self.channels]
+        return normalised.reshape(self.num_prototypes, -1)

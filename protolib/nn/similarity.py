@@ -140,3 +140,62 @@ class ProjectionSimilarity(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks={self.blocks}"
+
+
+class PartCosineSimilarity(nn.Module):
+    """Deformable ProtoPNet's similarity: the mean over a prototype's parts of the cosine between each part
+    and the feature vector it lands on, divided by 1.01 (keeps ``arccos`` of the margin finite), ReLU-ed.
+
+    As in the reference, ``extra_channels`` channels of value ``epsilon`` are appended to features and
+    prototype parts before normalising (no zero vector has an undefined direction), and lengths are
+    ``sqrt(sum x^2 + epsilon)`` (prototypes: ``+ epsilon`` once more). ``distances`` are ``1 - cosine``; push
+    ranks patches by the inner product with :meth:`normalize_prototypes`, which orders them the same way.
+    """
+
+    metric = "ip"  # push: nearest = largest <patch, normalised prototype>
+
+    def __init__(self, epsilon: float = 1e-4, extra_channels: int = 2, scale: float = 1.01) -> None:
+        super().__init__()
+        if epsilon <= 0 or extra_channels < 0 or scale < 1:
+            raise ValueError(
+                f"part cosine similarity needs epsilon > 0, extra_channels >= 0, scale >= 1; got {epsilon}, "
+                f"{extra_channels}, {scale}"
+            )
+        self.epsilon, self.extra_channels, self.scale = epsilon, extra_channels, scale
+
+    def _append(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[dim] = self.extra_channels
+        return torch.cat([x, x.new_full(shape, self.epsilon)], dim=dim)
+
+    def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D + e, H, W), every location's vector of unit length."""
+        x = self._append(features, 1)
+        return x / torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + self.epsilon)
+
+    def normalize_prototypes(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """Prototypes (P, D, n) -> (P, D + e, n), every part of unit length."""
+        p = self._append(prototypes, 1)
+        return p / (torch.sqrt(p.pow(2).sum(dim=1, keepdim=True) + self.epsilon) + self.epsilon)
+
+    def cosines(self, parts: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Sampled unit feature parts (B, D + e, n, H, W) and prototypes (P, D, n) -> cosines (B, P, H, W)."""
+        protos = self.normalize_prototypes(prototypes)  # (P, D + e, n)
+        return torch.einsum("bdnhw,pdn->bphw", parts, protos) / (parts.shape[2] * self.scale)
+
+    def distances(self, parts: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """``1 - cosine`` (B, P, H, W) of sampled parts (B, D + e, n, H, W) and prototypes (P, D, n)."""
+        return 1 - self.cosines(parts, prototypes)
+
+    def similarity(self, distances: torch.Tensor) -> torch.Tensor:
+        """Distances of any shape -> ``relu(1 - d)`` (the reference's ReLU on the cosine)."""
+        return torch.relu(1 - distances)
+
+    def cost_distances(
+        self, features: torch.Tensor, prototypes: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        """The costs use the head's distances (the loss reads the cosines directly)."""
+        return distances
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}, extra_channels={self.extra_channels}, scale={self.scale}"
