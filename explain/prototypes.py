@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 RF_COLOUR = (255, 215, 0)  # receptive field: yellow
 ACTIVATION_COLOUR = (0, 220, 255)  # high-activation region: cyan
+# Deformable prototypes' parts, one colour each (the reference's palette: red, green, yellow, blue...).
+PART_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (240, 50, 230))
 PANEL = 160  # side of one picture panel in pixels
 TILE = 64  # side of one gallery tile in pixels
 LABEL_WIDTH = 110  # gallery: width of the class-name column
@@ -84,15 +86,19 @@ def prototype_picture(
     rf_box: Sequence[int],
     activation_box: Sequence[int],
     title: str,
+    part_boxes: Sequence[Sequence[int]] = (),
 ) -> Image.Image:
     """One prototype's picture: source with boxes | high-activation patch | heat-map overlay, titled.
 
-    ``image`` (H, W, 3) uint8, ``activation`` (H, W) the similarity map upsampled to the image.
+    ``image`` (H, W, 3) uint8, ``activation`` (H, W) the similarity map upsampled to the image;
+    ``part_boxes`` (deformable prototypes) are drawn on the source where each part landed, one colour each.
     """
     side = image.shape[0]
     source = resize_panel(image, PANEL)
     draw_box(source, rf_box, side, RF_COLOUR)
     draw_box(source, activation_box, side, ACTIVATION_COLOUR)
+    for number, box in enumerate(part_boxes):
+        draw_box(source, box, side, PART_COLOURS[number % len(PART_COLOURS)])
     patch = Image.fromarray(crop_box(image, activation_box)).resize((PANEL, PANEL), Image.NEAREST)
     overlay = resize_panel(heatmap_overlay(image, activation), PANEL)
     header = 18
@@ -161,10 +167,11 @@ def render_prototypes(
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
             if len(model.set_names) > 1:
                 title += f" | {sets[p]}"
+            parts = provenance["part_box"][p].tolist() if "part_box" in provenance else []
             written.append(
                 save_png(
                     out_dir / f"prototype-{p:04d}.png",
-                    prototype_picture(picture, activation, rf_box, activation_box, title),
+                    prototype_picture(picture, activation, rf_box, activation_box, title, parts),
                 )
             )
             patches.append(crop_box(picture, activation_box))
@@ -180,6 +187,11 @@ def render_prototypes(
                     "activation_box": activation_box,
                     "push_distance": float(provenance["score"][p]),
                     "push_step": int(provenance["step"][p]),
+                    **(
+                        {"part_location": provenance["part_location"][p].tolist(), "part_box": parts}
+                        if parts
+                        else {}
+                    ),
                 }
             )
             if model.last_layer is not None:  # ProtoTree has no last layer: its node is in the tree picture

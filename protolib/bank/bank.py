@@ -273,14 +273,23 @@ class PrototypeBank(nn.Module):
         batches: Iterable[Sequence[torch.Tensor]],
         restrict_to_owner: bool = True,
         allowed: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> PushResult:
         """For every prototype, the nearest patch in ``batches`` (of its owner class if restricted; of the
         classes ``allowed`` (P, C) bool marks for it, if given).
 
         ``batches`` yields ``(embeddings (B, D, H, W) or (B, D), labels (B,), sample_ids (B,))``; memory is
         bounded by one batch. The bank is not modified (see :meth:`project`). Gathered across DDP ranks.
+        ``queries`` (P, D) replace the vectors in the comparison, for models that score a transform of their
+        prototypes (Deformable ProtoPNet normalises every part).
         """
-        return nearest_patches(self.vectors, self.owners, self.metric, batches, restrict_to_owner, allowed)
+        if queries is not None and queries.shape != self.vectors.shape:
+            raise ValueError(
+                f"push queries must have the bank's shape {tuple(self.vectors.shape)}, got "
+                f"{tuple(queries.shape)}"
+            )
+        vectors = self.vectors if queries is None else queries
+        return nearest_patches(vectors, self.owners, self.metric, batches, restrict_to_owner, allowed)
 
     @torch.no_grad()
     def project(

@@ -382,7 +382,8 @@ class ProtoPNet(nn.Module):
         for batch in loader:
             labels = batch["label"]
             counts += torch.bincount(labels, minlength=self.num_classes)[: self.num_classes].cpu()
-            yield self.embed(batch["image"].to(device)), labels.to(device), batch["index"].to(device)
+            patches = self.prototype_layer.push_patches(self.embed(batch["image"].to(device)))
+            yield patches, labels.to(device), batch["index"].to(device)
 
     def paired_similarity_maps(
         self, images: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor | None = None
@@ -390,10 +391,7 @@ class ProtoPNet(nn.Module):
         """Similarity map (N, h, w) of prototype ``ids[i]`` on ``images[i]`` (N, C, H, W); keep N small
         (distances of all N x N pairs are computed, through the model's own similarity function).
         ``vectors`` (P, D) replace the bank's current prototype vectors (e.g. those before a push)."""
-        embeddings = self.embed(images)  # (N, D, h, w)
-        vectors = self.bank.vectors if vectors is None else vectors
-        prototypes = vectors[ids.to(vectors.device)]  # (N, D)
-        distances = self.prototype_layer.similarity.distances(embeddings, prototypes)  # (N, N, h, w)
+        distances = self.prototype_layer.distance_maps(self.embed(images), ids, vectors)  # (N, N, h, w)
         own = torch.arange(len(ids), device=distances.device)
         return self.prototype_layer.similarity.similarity(distances[own, own])  # (N, h, w)
 
@@ -414,7 +412,8 @@ class ProtoPNet(nn.Module):
             start = time.perf_counter()
             counts = torch.zeros(self.num_classes, dtype=torch.long)
             batches = self._embed_batches(loader, counts)
-            result = self.bank.nearest_per_prototype(batches, restrict_to_owner=True)
+            queries = self.prototype_layer.push_queries()  # the prototypes as push compares them
+            result = self.bank.nearest_per_prototype(batches, restrict_to_owner=True, queries=queries)
             per_class = torch.bincount(self.owners.cpu(), minlength=self.num_classes)
             short = ((counts < per_class) & (per_class > 0)).nonzero().flatten().tolist()
             if warn and short:

@@ -64,6 +64,22 @@ class PrototypeLayer(nn.Module):
         cost_min = min_distances if cost is distances else cost.flatten(2).min(dim=2).values  # (B, P)
         return PrototypeActivations(distances, min_distances, self.similarity, cost_min)
 
+    def distance_maps(
+        self, features: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Distances (B, N, H, W) of every patch to the prototypes ``ids`` (N,) only, of the bank or of
+        ``vectors`` (P, D) given in its place."""
+        vectors = self.bank.vectors if vectors is None else vectors
+        return self.similarity.distances(features, vectors[ids.to(vectors.device)])
+
+    def push_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """The candidate patches push projects prototypes onto: here the feature map itself (B, D, H, W)."""
+        return features
+
+    def push_queries(self) -> torch.Tensor:
+        """The prototypes as push compares them with :meth:`push_patches`: the bank's vectors (P, D)."""
+        return self.bank.vectors
+
 
 class DeformablePrototypeLayer(nn.Module):
     """Deformable ProtoPNet's prototype layer: prototypes of ``kh x kw`` parts (D channels each; the bank
@@ -128,6 +144,16 @@ class DeformablePrototypeLayer(nn.Module):
         distances = self.similarity.distances(parts, self.prototype_parts())  # (B, P, H, W)
         min_distances = distances.flatten(2).min(dim=2).values  # (B, P)
         return PrototypeActivations(distances, min_distances, self.similarity, min_distances, offsets)
+
+    def distance_maps(
+        self, features: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Distances (B, N, H, W) of every location's deformed parts to the prototypes ``ids`` (N,) only, of
+        the bank or of ``vectors`` (P, D * n) given in its place."""
+        parts, _, _ = self.sample(features)
+        vectors = self.bank.vectors if vectors is None else vectors
+        prototypes = vectors.view(-1, self.channels, self.num_parts)[ids.to(vectors.device)]
+        return self.similarity.distances(parts, prototypes)
 
     def push_patches(self, features: torch.Tensor) -> torch.Tensor:
         """Candidate patches for push (B, D * n, H, W): the sampled unit parts, extra channels dropped."""
