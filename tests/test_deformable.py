@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from config_helpers import compose_config
+from hydra.utils import instantiate
 from protopnet_helpers import TINY, tiny_digits
 
 from explain.__main__ import main as explain_cli
@@ -175,17 +176,28 @@ def test_train_py_pictures_every_part_and_explain_reads_the_checkpoint(tmp_path:
 
 @pytest.mark.slow
 def test_short_training_on_parts_raises_accuracy(tmp_path: Path) -> None:
-    cfg = compose_config(
-        tmp_path,
+    overrides = (
         "experiment=deformable_protopnet_parts",
-        "model.schedule.train_epochs=4",
+        "model.schedule.train_epochs=5",
         "model.schedule.warm_epochs=1",
-        "model.schedule.push_start=3",
+        "model.schedule.push_start=4",
         "model.schedule.last_layer_epochs=1",
         "model.net.prototypes_per_class=2",
         "model.net.offset_hidden=16",
-        "data.train_per_class=30",
-        "trainer.limit_val_batches=2",
+        "data.train_per_class=40",
+        "data.test_per_class=20",
+        "seed=0",
     )
-    metrics = run(cfg)
-    assert metrics["test/acc"] > 0.3  # chance is 0.1 on 10 classes
+    cfg = compose_config(tmp_path, *overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    torch.manual_seed(0)
+    untrained = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": 32}).net.eval()
+    with torch.no_grad():
+        hits = [
+            (untrained(b["image"]).logits.argmax(1) == b["label"]).float()
+            for b in datamodule.test_dataloader()
+        ]
+    before = torch.cat(hits).mean().item()
+    after = run(cfg)["test/acc"]
+    assert after > before + 0.2 and after > 0.35, (before, after)  # chance is 0.1 on 10 classes
