@@ -4,6 +4,7 @@ the untrained model at telling ID digits 0-5 from held-out digits 6-9; the CIFAR
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -22,9 +23,11 @@ from protolib.ood.postprocessors import Mahalanobis
 FAST = ["trainer.max_epochs=4", "trainer.accelerator=cpu", "data.image_size=16"]
 
 
-def held_out_auroc(module: L.LightningModule, datamodule: L.LightningDataModule) -> float:
+def held_out_auroc(
+    module: L.LightningModule, datamodule: L.LightningDataModule, center: str = "standardized"
+) -> float:
     """AUROC of PALM's reference score (Mahalanobis, normalised + standardised features), via scikit-learn."""
-    score = Mahalanobis(normalize=True, standardize=True, class_conditional=False)
+    score = Mahalanobis(normalize=True, standardize=True, class_conditional=False, center=center)
     score.fit(module, datamodule.push_dataloader())
     id_scores = score.score(module, extract_features(module, datamodule.test_dataloader()))
     ood_scores = score.score(module, extract_features(module, datamodule.held_out_dataloader("test")))
@@ -50,6 +53,10 @@ def test_palm_digits_training_raises_held_out_auroc(tmp_path: Path) -> None:
     before, after = held_out_auroc(untrained, datamodule), held_out_auroc(trained, datamodule)
     assert after > before + 0.03, (before, after)
     assert after > 0.9
+    # the tested (best) model's held-out AUROC is in metrics.json and the summary, with the callback's score
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test/ood_auroc"] == pytest.approx(held_out_auroc(trained, datamodule, "raw"), abs=1e-6)
+    assert 0.0 <= saved["test/ood_fpr95"] <= 1.0 and metrics["test/ood_auroc"] == saved["test/ood_auroc"]
 
 
 @pytest.mark.parametrize("loss_form", ["paper", "reference"])

@@ -18,7 +18,8 @@ from protolib.utils.modes import evaluating
 
 
 class HeldOutOODMetrics(L.Callback):
-    """Log OOD detection of the held-out classes as validation metrics: ``val/ood_auroc``, ``val/ood_fpr95``.
+    """Log OOD detection of the held-out classes: ``val/ood_auroc``, ``val/ood_fpr95`` each validation, and
+    ``test/ood_auroc``, ``test/ood_fpr95`` when the model is tested.
 
     ID data is the datamodule's validation split, OOD data its ``held_out_dataloader(split)`` (the classes
     left out of ``data.classes``). The postprocessor is fitted on ``push_dataloader()`` (training images, eval
@@ -81,6 +82,20 @@ class HeldOutOODMetrics(L.Callback):
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         datamodule = trainer.datamodule
+        self.evaluate(pl_module, datamodule, datamodule.val_dataset, self.split, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``test/ood_auroc`` and ``test/ood_fpr95`` of the tested model: test split vs held-out test images
+        (train.py puts them in metrics.json and the printed summary)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "held_out_class_names", None):
+            return
+        self.evaluate(pl_module, datamodule, datamodule.test_dataset, "test", "test")
+
+    def evaluate(
+        self, pl_module: L.LightningModule, datamodule: Any, id_dataset: Dataset, ood_split: str, stage: str
+    ) -> None:
+        """Fit the postprocessor if needed, score ``id_dataset`` and the held-out ``ood_split``, log them."""
         if getattr(self.postprocessor, "input_std", ()) is None:  # ODIN: a step in pixel units of this data
             self.postprocessor.input_std = datamodule.std.flatten().tolist()
         batch = datamodule.batch_size
@@ -89,8 +104,8 @@ class HeldOutOODMetrics(L.Callback):
             if self.postprocessor.fit_split == "train":
                 train = extract_split_across_ranks(pl_module, datamodule.train_dataset.eval_view(), batch)
                 self.postprocessor.fit(pl_module, train)
-            id_scores = self.scores(pl_module, datamodule.val_dataset, batch)
-            ood_scores = self.scores(pl_module, datamodule.held_out_dataset(self.split), batch)
+            id_scores = self.scores(pl_module, id_dataset, batch)
+            ood_scores = self.scores(pl_module, datamodule.held_out_dataset(ood_split), batch)
         metrics = ood_metrics(id_scores, ood_scores)
-        pl_module.log("val/ood_auroc", metrics["auroc"])
-        pl_module.log("val/ood_fpr95", metrics["fpr95"])
+        pl_module.log(f"{stage}/ood_auroc", metrics["auroc"])
+        pl_module.log(f"{stage}/ood_fpr95", metrics["fpr95"])
