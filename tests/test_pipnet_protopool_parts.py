@@ -1,4 +1,4 @@
-"""PIP-Net and ProtoPool layers and losses on fixed small tensors, against the papers' formulas written out."""
+"""PIP-Net and ProtoPool layers and losses on fixed small tensors, against the papers' formulas."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_pipnet_losses_match_the_paper_formulas() -> None:
     z1 = maps1.numpy().transpose(0, 2, 3, 1).reshape(-1, 4)  # one row per patch
     z2 = maps2.numpy().transpose(0, 2, 3, 1).reshape(-1, 4)
     expected_align = -np.log((z1 * z2).sum(1) + 1e-12).mean()
-    assert align_loss(torch.from_numpy(z1), torch.from_numpy(z2)).item() == pytest.approx(expected_align, rel=1e-5)
+    aligned = align_loss(torch.from_numpy(z1), torch.from_numpy(z2)).item()
+    assert aligned == pytest.approx(expected_align, rel=1e-5)
     assert view_alignment(maps1, maps2).item() == pytest.approx(expected_align, rel=1e-5)  # symmetric
     pooled = maps1.flatten(2).amax(2)  # (B, P)
     expected_tanh = -np.log(np.tanh(pooled.numpy().sum(0)) + 1e-8).mean()
