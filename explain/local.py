@@ -26,6 +26,8 @@ from explain.prototypes import (
     crop_box,
     draw_box,
     heatmap_overlay,
+    prototype_weights,
+    pushed_provenance,
     resize_panel,
     to_rgb_uint8,
 )
@@ -116,9 +118,7 @@ def explain_image(
         raise ValueError(f"explain_image takes one image (C, H, W), got shape {tuple(image.shape)}")
     if k < 1:
         raise ValueError(f"k (prototypes to show) must be >= 1, got {k}")
-    provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
-    if (provenance["source_sample"] < 0).any():
-        raise ValueError("prototypes have no source patches yet: push them first (ProtoPNet.push)")
+    provenance, known = pushed_provenance(model)
     device = model.last_layer.weight.device
     with evaluating(model):
         output = model(image[None].to(device))
@@ -129,11 +129,11 @@ def explain_image(
         raise ValueError(f"target class {target} is out of range: the model has {len(logits)} classes")
     similarities = output.similarities.cpu()  # (1, P)
     contributions = model.contributions(similarities.to(device))[0, :, target].cpu()  # (P,)
-    top = contributions.topk(min(k, len(contributions))).indices  # (k,)
+    top = known[contributions[known].topk(min(k, len(known))).indices]  # (k,) among prototypes with a source
     maps = upsample_maps(output.similarity_maps[0, top.to(device)], tuple(image.shape[-2:]))  # (k, H, W)
     boxes = high_activation_boxes(maps, percentile).cpu()  # (k, 4)
     sources = to_rgb_uint8(denormalize(fetch_images(push_dataset, provenance["source_sample"][top].tolist())))
-    weights = model.last_layer.weight[target].cpu()  # (P,)
+    weights = prototype_weights(model)[target].detach().cpu()  # (P,)
     evidence = [
         PrototypeEvidence(
             prototype=p,

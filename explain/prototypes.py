@@ -32,9 +32,29 @@ RF_COLOUR = (255, 215, 0)  # receptive field: yellow
 ACTIVATION_COLOUR = (0, 220, 255)  # high-activation region: cyan
 # Deformable prototypes' parts, one colour each (the reference's palette: red, green, yellow, blue...).
 PART_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (240, 50, 230))
+# What a network needs for prototype pictures and local explanations: ProtoPNet and its variants have it.
+PATCH_PROTOTYPE_API = ("provenance", "paired_similarity_maps", "prototype_bank")
 PANEL = 160  # side of one picture panel in pixels
 TILE = 64  # side of one gallery tile in pixels
 LABEL_WIDTH = 110  # gallery: width of the class-name column
+
+
+def prototype_weights(model: torch.nn.Module) -> torch.Tensor:
+    """(C, P) weight of every prototype to every class: the network's ``prototype_weights()`` where the
+    last layer does not read prototypes directly (ProtoPool: slots; PIP-Net: relu), else its weight."""
+    if hasattr(model, "prototype_weights"):
+        return model.prototype_weights()
+    return model.last_layer.weight
+
+
+def pushed_provenance(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The network's provenance on the CPU and the ids (N,) of the prototypes that have a source patch (all
+    after a ProtoPNet push; ProtoPool leaves prototypes no class chose without one)."""
+    provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
+    known = (provenance["source_sample"] >= 0).nonzero().flatten()
+    if len(known) == 0:
+        raise ValueError("prototypes have no source patches yet: push them first (e.g. ProtoPNet.push)")
+    return provenance, known
 
 
 def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
@@ -148,14 +168,13 @@ def render_prototypes(
     provenance refers to; ``denormalize`` maps its images back to [0, 1]. Returns the written paths.
     """
     out_dir = Path(out_dir)
-    provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
-    if (provenance["source_sample"] < 0).any():
-        raise ValueError("prototypes have no source image yet: push them first (ProtoPNet.push)")
+    provenance, known = pushed_provenance(model)
     device = model.prototype_bank.vectors.device
+    weights = None if model.last_layer is None else prototype_weights(model).detach().cpu()  # (C, P)
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
     sets = [model.set_names[s] for s in model.prototype_set_ids().tolist()]  # ST-ProtoPNet: trivial / support
     written, patches, records = [], [], []
-    for ids in torch.arange(len(provenance["owner"])).split(64):
+    for ids in known.split(64):
         images = fetch_images(dataset, provenance["source_sample"][ids].tolist()).to(device)  # (n, C, H, W)
         maps = upsample_maps(model.paired_similarity_maps(images, ids), tuple(images.shape[-2:]))
         pictures = to_rgb_uint8(denormalize(images))  # (n, H, W, 3)
@@ -194,9 +213,9 @@ def render_prototypes(
                     ),
                 }
             )
-            if model.last_layer is not None:  # ProtoTree has no last layer: its node is in the tree picture
-                records[-1]["weight_to_own_class"] = float(model.last_layer.weight[owner, p])
-    owners = provenance["owner"].tolist()
+            if weights is not None:  # ProtoTree has no last layer: its node is in the tree picture
+                records[-1]["weight_to_own_class"] = float(weights[owner, p])
+    owners = provenance["owner"][known].tolist()
     for number, page in enumerate(gallery_pages(patches, owners, names, classes_per_page), start=1):
         written.append(save_png(out_dir / f"gallery-{number:02d}.png", page))
     written.append(atomic_write_json(out_dir / "prototypes.json", records))
@@ -210,9 +229,11 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, VisionDa
     from protolib.lit.checkpoint import load_module
 
     module = load_module(checkpoint)
-    if not isinstance(getattr(module, "net", None), ProtoPNet | ProtoTree):
+    net = getattr(module, "net", None)
+    if not all(hasattr(net, name) for name in PATCH_PROTOTYPE_API):
         raise ValueError(
-            f"checkpoint {checkpoint} holds a {type(module).__name__}, not a ProtoPNet or ProtoTree module"
+            f"checkpoint {checkpoint} holds a {type(module).__name__} whose network has no patch prototypes "
+            f"({', '.join(PATCH_PROTOTYPE_API)}): ProtoPNet, its variants and ProtoTree do"
         )
     datamodule = instantiate(module.build_config["data"])
     datamodule.setup("fit")

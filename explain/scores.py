@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from explain.prototypes import pushed_provenance
 from protolib.models.protopnet import ProtoPNet
 
 
@@ -84,9 +85,8 @@ def prototype_part_score(
     ``push_dataset`` is the dataset push used (items carry "part_mask": the ``parts`` data); ``class_parts``
     the defining part ids of each class (``PartsDataModule.class_parts``).
     """
-    provenance = {name: tensor.cpu() for name, tensor in model.provenance().items()}
-    if (provenance["source_sample"] < 0).any():
-        raise ValueError("prototypes have no source patches yet: push them first (ProtoPNet.push)")
+    provenance, known = pushed_provenance(model)
+    provenance = {name: tensor[known] for name, tensor in provenance.items()}  # prototypes with a source
     masks = []
     for index in provenance["source_sample"].tolist():
         item = push_dataset[index]

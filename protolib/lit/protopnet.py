@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -37,7 +38,8 @@ class ProtoPNetModule(ClassifierModule):
     last_layer), ``push`` and ``prune``, and optionally ``constrain_prototypes_()`` (run after every step).
     ``loss(outputs, labels, net)`` returns the total and its terms.
     The optimiser (Adam by default, as the paper) gets one parameter group per part; the schedule sets which
-    are trained and at which learning rate.
+    are trained and at which learning rate. ``callbacks`` are schedules a variant adds beside the phases
+    (ProtoPool's Gumbel-softmax scale).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class ProtoPNetModule(ClassifierModule):
         loss: nn.Module | None = None,
         schedule: ProtoPNetSchedule | None = None,
         optimizer: OptimizerFactory | None = None,
+        callbacks: Sequence[L.Callback] = (),
     ) -> None:
         super().__init__(net, optimizer=optimizer or partial(torch.optim.Adam), scheduler=None)
+        self.extra_callbacks = list(callbacks)
         missing = [name for name in PROTOTYPE_NETWORK_API if not hasattr(net, name)]
         if missing:
             raise ValueError(
@@ -121,7 +125,7 @@ class ProtoPNetModule(ClassifierModule):
         return self
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [ProtoPNetTraining(self.schedule)]
+        return [ProtoPNetTraining(self.schedule), *self.extra_callbacks]
 
     def on_validation_epoch_end(self) -> None:
         # Accuracy of the pushed (interpretable) model; NaN while prototypes are not training patches, so a
@@ -134,7 +138,7 @@ class ProtoPNetModule(ClassifierModule):
         """Push every prototype onto its nearest training patch of its class and log how it went."""
         report = self.net.push(loader, step=self.global_step, percentile=self.schedule.push_percentile)
         duplicates = int(report.duplicates.sum())
-        mean_distance = report.distances.mean().item()
+        mean_distance = report.distances.nanmean().item()  # NaN: not pushed (ProtoPool)
         self.log_dict(
             {
                 "push/seconds": report.seconds,

@@ -129,6 +129,10 @@ class PIPNet(nn.Module):
             "last_layer": list(self.last_layer.parameters()),
         }
 
+    def prototype_weights(self) -> torch.Tensor:
+        """(C, P) the head's weights as used (relu)."""
+        return self.last_layer.effective_weight
+
     def prototypes_in_use(self, threshold: float = 1e-3) -> int:
         """Prototypes with a head weight above ``threshold`` to some class (the paper's count)."""
         return int((self.last_layer.weight > threshold).any(dim=0).sum())
