@@ -151,9 +151,13 @@ class ProtoPool(nn.Module):
             "last_layer": list(self.last_layer.parameters()),
         }
 
+    def prototypes_in_use(self) -> int:
+        """Pool prototypes chosen by at least one slot (the others do not reach any logit)."""
+        return int(self.assignment.chosen().unique().numel())
+
     def prototype_weights(self) -> torch.Tensor:
         """(C, M) weight of every pool prototype to every class through the slots that chose it."""
-        hard = self.assignment.hard().flatten(start_dim=0, end_dim=0)  # (C, M, K)
+        hard = self.assignment.hard()  # (C, M, K)
         per_slot = hard.permute(1, 0, 2).reshape(hard.shape[1], -1)  # (M, C*K): prototype m in slot (c, k)
         return self.last_layer.weight @ per_slot.T  # (C, M)
 
