@@ -57,11 +57,14 @@ def push_quality(
     class_parts: Sequence[Sequence[int]] | None = None,
 ) -> PushQuality:
     """Measure a push from a model's ``provenance()`` (owner, source_sample, location, activation_box) and
-    the push ``dataset`` its sources index; ``foreground_mask(item)`` is the datamodule's."""
+    the push ``dataset`` its sources index (prototypes without a source are left out);
+    ``foreground_mask(item)`` is the datamodule's."""
     provenance = {name: tensor.cpu() for name, tensor in provenance.items()}
-    sources, owners = provenance["source_sample"], provenance["owner"].long()
-    if (sources < 0).any():
+    pushed = provenance["source_sample"] >= 0  # ProtoPool leaves prototypes no class chose unpushed
+    if not pushed.any():
         raise ValueError("prototypes have no source patches yet: push them first")
+    provenance = {name: tensor[pushed] for name, tensor in provenance.items()}
+    sources, owners = provenance["source_sample"], provenance["owner"].long()
     items = [dataset[int(index)] for index in sources.tolist()]
     masks = [foreground_mask(item) for item in items]
     foreground = None

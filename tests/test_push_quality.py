@@ -55,7 +55,7 @@ def test_push_quality_without_masks_skips_the_background_share() -> None:
     }
     summary = push_quality(provenance, dataset, lambda x: None, 2).summary()
     assert "background_share" not in summary and "part_score" not in summary
-    provenance["source_sample"] = torch.tensor([0, -1])
+    provenance["source_sample"] = torch.tensor([-1, -1])  # never pushed (one -1 alone: left out, ProtoPool)
     with pytest.raises(ValueError, match="push them first"):
         push_quality(provenance, dataset, lambda x: None, 2)
 
