@@ -172,7 +172,9 @@ def render_prototypes(
     device = model.prototype_bank.vectors.device
     weights = None if model.last_layer is None else prototype_weights(model).detach().cpu()  # (C, P)
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
-    sets = [model.set_names[s] for s in model.prototype_set_ids().tolist()]  # ST-ProtoPNet: trivial / support
+    set_names = getattr(model, "set_names", ["prototypes"])  # ST-ProtoPNet: trivial / support
+    set_ids = model.prototype_set_ids().tolist() if len(set_names) > 1 else [0] * len(provenance["owner"])
+    sets = [set_names[s] for s in set_ids]
     written, patches, records = [], [], []
     for ids in known.split(64):
         images = fetch_images(dataset, provenance["source_sample"][ids].tolist()).to(device)  # (n, C, H, W)
@@ -184,7 +186,7 @@ def render_prototypes(
             activation_box = provenance["activation_box"][p].tolist()
             sample = int(provenance["source_sample"][p])
             title = f"prototype {p} | class {owner} ({names[owner]}) | image {sample}"
-            if len(model.set_names) > 1:
+            if len(set_names) > 1:
                 title += f" | {sets[p]}"
             parts = provenance["part_box"][p].tolist() if "part_box" in provenance else []
             written.append(
