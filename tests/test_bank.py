@@ -508,3 +508,22 @@ def test_constructor_rejects_bad_arguments() -> None:
         PrototypeBank(4, 2, index="hnsw", index_options={"nprobe": 3})
     buffer_bank = PrototypeBank(4, 2, learnable=False)
     assert "vectors" in dict(buffer_bank.named_buffers()) and not list(buffer_bank.parameters())
+
+
+def test_distinct_push_gives_each_prototype_of_a_class_its_own_patch() -> None:
+    """Two prototypes of class 0 are both nearest to patch A; distinct push gives the nearer one A and the
+    other its next-nearest patch, by brute force over every patch."""
+    bank = PrototypeBank(3, 2, owners=torch.tensor([0, 0, 1]), metric="l2")
+    with torch.no_grad():
+        bank.vectors.copy_(torch.tensor([[0.0, 0.0], [0.2, 0.0], [5.0, 5.0]]))
+    patches = torch.tensor([[0.05, 0.0], [1.0, 0.0], [3.0, 0.0], [5.0, 5.1]])  # A, B, C: class 0; D: 1
+    embeddings = patches[:, :, None, None]  # (4, D, 1, 1)
+    batches = [(embeddings, torch.tensor([0, 0, 0, 1]), torch.arange(4))]
+    plain = bank.nearest_per_prototype(batches)
+    assert plain.sample_ids.tolist() == [0, 0, 3]  # both class-0 prototypes on patch A
+    distinct = bank.nearest_per_prototype(batches, distinct=True)
+    brute = ((bank.vectors.detach()[:, None] - patches[None]) ** 2).sum(-1)  # (P, patches)
+    # prototype 0 is nearer to A (0.0025 vs 0.0225): it keeps A; prototype 1 takes B, its next-nearest
+    assert distinct.sample_ids.tolist() == [0, 1, 3]
+    torch.testing.assert_close(distinct.distances, brute[[0, 1, 2], [0, 1, 3]])
+    torch.testing.assert_close(distinct.vectors, patches[[0, 1, 3]])

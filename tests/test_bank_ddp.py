@@ -55,6 +55,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         bank = initial_bank()
         bank.ema_update(*ema_inputs(rank), momentum=0.8)
         record["ema"] = state(bank)
+        distinct = bank.nearest_per_prototype(push_batches(rank), distinct=True)
+        record["distinct_push_result"] = dataclasses.asdict(distinct)
         result = bank.nearest_per_prototype(push_batches(rank))
         record["push_result"] = dataclasses.asdict(result)
         bank.project(result, step=1)
@@ -86,7 +88,7 @@ def records(tmp_path_factory) -> list[dict]:
 
 
 def test_ranks_hold_identical_banks(records: list[dict]) -> None:
-    for key in ("ema", "push", "push_result", "lone_push_result", "structure"):
+    for key in ("ema", "push", "push_result", "distinct_push_result", "lone_push_result", "structure"):
         assert_equal_tensors(records[0][key], records[1][key])
 
 
@@ -107,6 +109,8 @@ def test_push_gathers_the_best_patch_across_ranks(records: list[dict]) -> None:
         assert torch.equal(got[key], expected[key]), key
     torch.testing.assert_close(got["distances"], expected["distances"])
     assert set(got["sample_ids"].tolist()) & {10, 11, 12, 13}, "rank 1's samples must win some prototypes"
+    distinct = dataclasses.asdict(bank.nearest_per_prototype(everything, distinct=True))
+    assert_equal_tensors(records[0]["distinct_push_result"], distinct, exact=False)
     bank.load_state_dict(records[0]["push"])
     lone = dataclasses.asdict(bank.nearest_per_prototype(push_batches(0), restrict_to_owner=False))
     assert_equal_tensors(records[1]["lone_push_result"], lone, exact=False)

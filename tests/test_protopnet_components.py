@@ -17,6 +17,7 @@ from protolib.losses.protopnet import (
     ProtoPNetLoss,
     class_identity,
     cluster_cost,
+    prototype_cluster_cost,
     separation_cost,
     wrong_class_l1,
 )
@@ -211,3 +212,27 @@ def test_push_search_and_similarity_layer_share_one_l2_kernel() -> None:
     layer = squared_l2_distances(features, prototypes).permute(0, 2, 3, 1).reshape(-1, 6)
     torch.testing.assert_close(push, brute, rtol=1e-5, atol=1e-6)
     assert torch.equal(push, layer)
+
+
+def test_prototype_cluster_cost_pulls_every_prototype_by_hand() -> None:
+    identity = class_identity(OWNERS, 2)
+    # image 0 (class 0) is the only class-0 image: prototypes 0, 1 at 1.0, 2.0; image 1 (class 1) gives
+    # prototypes 2, 3 their distances 7.0, 0.5
+    expected = (1.0 + 2.0 + 7.0 + 0.5) / 4
+    assert prototype_cluster_cost(MIN_DISTANCES, LABELS, identity).item() == pytest.approx(expected)
+    # a batch of class 0 only: class 1's prototypes are skipped
+    only_zero = prototype_cluster_cost(MIN_DISTANCES, torch.tensor([0, 0]), identity)
+    assert only_zero.item() == pytest.approx((1.0 + 2.0) / 2)
+    loss = ProtoPNetLoss(prototype_cluster=0.5)
+    assert loss.weights["prototype_cluster"] == 0.5 and "prototype_cluster" not in ProtoPNetLoss().weights
+
+
+def test_small_cnn_padding_modes() -> None:
+    image = torch.rand(1, 1, 8, 8)
+    zeros = build_backbone("small_cnn", in_chans=1)
+    replicate = build_backbone("small_cnn", in_chans=1, padding_mode="replicate")
+    replicate.load_state_dict(zeros.state_dict())
+    assert replicate(image).shape == zeros(image).shape == (1, 64, 2, 2)
+    assert not torch.allclose(replicate(image), zeros(image))
+    with pytest.raises(ValueError, match="padding_mode"):
+        build_backbone("small_cnn", padding_mode="circular-ish")

@@ -272,11 +272,13 @@ class PrototypeBank(nn.Module):
         self,
         batches: Iterable[Sequence[torch.Tensor]],
         restrict_to_owner: bool = True,
+        distinct: bool = False,
         allowed: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
     ) -> PushResult:
         """For every prototype, the nearest patch in ``batches`` (of its owner class if restricted; of the
-        classes ``allowed`` (P, C) bool marks for it, if given).
+        classes ``allowed`` (P, C) bool marks for it, if given; with ``distinct``, the nearest one no other
+        prototype of its owner took).
 
         ``batches`` yields ``(embeddings (B, D, H, W) or (B, D), labels (B,), sample_ids (B,))``; memory is
         bounded by one batch. The bank is not modified (see :meth:`project`). Gathered across DDP ranks.
@@ -289,7 +291,9 @@ class PrototypeBank(nn.Module):
                 f"{tuple(queries.shape)}"
             )
         vectors = self.vectors if queries is None else queries
-        return nearest_patches(vectors, self.owners, self.metric, batches, restrict_to_owner, allowed)
+        return nearest_patches(
+            vectors, self.owners, self.metric, batches, restrict_to_owner, distinct=distinct, allowed=allowed
+        )
 
     @torch.no_grad()
     def project(

@@ -70,16 +70,17 @@ def _flatten_batch(
 
 
 class _RunningBest:
-    """Each prototype's nearest patch so far: distance, vector, sample id and location."""
+    """Each prototype's ``k`` nearest patches so far, nearest first: distances, vectors, sample ids and
+    locations. Among equal distances the earlier patch ranks first."""
 
-    def __init__(self, prototypes: torch.Tensor, metric: str) -> None:
+    def __init__(self, prototypes: torch.Tensor, metric: str, k: int = 1) -> None:
         p, d = prototypes.shape
         device = prototypes.device
-        self.prototypes, self.metric = prototypes, metric
-        self.dist = torch.full((p,), float("inf"), device=device)
-        self.vectors = torch.zeros(p, d, dtype=prototypes.dtype, device=device)
-        self.sample_ids = torch.full((p,), -1, dtype=torch.long, device=device)
-        self.locations = torch.full((p, 2), -1, dtype=torch.long, device=device)
+        self.prototypes, self.metric, self.k = prototypes, metric, k
+        self.dist = torch.full((p, k), float("inf"), device=device)
+        self.vectors = torch.zeros(p, k, d, dtype=prototypes.dtype, device=device)
+        self.sample_ids = torch.full((p, k), -1, dtype=torch.long, device=device)
+        self.locations = torch.full((p, k, 2), -1, dtype=torch.long, device=device)
 
     def update(
         self,
@@ -94,13 +95,48 @@ class _RunningBest:
         chunk = max(1, MAX_BLOCK_ELEMENTS // len(proto_ids))
         for start in range(0, len(patch_ids), chunk):
             idx = patch_ids[start : start + chunk]
-            value, arg = pairwise_distances(patches[idx], protos, self.metric).min(dim=0)  # (P',)
-            better = value < self.dist[proto_ids]  # strict: the earliest patch wins ties
-            target, winner = proto_ids[better], idx[arg[better]]
-            self.dist[target] = value[better]
-            self.vectors[target] = patches[winner]
-            self.sample_ids[target] = sample_ids[winner]
-            self.locations[target] = locations[winner]
+            distances = pairwise_distances(patches[idx], protos, self.metric)  # (n, P')
+            value, arg = distances.topk(min(self.k, len(idx)), dim=0, largest=False)  # (k', P')
+            winners = idx[arg].T  # (P', k') patch rows
+            merged = torch.cat([self.dist[proto_ids], value.T], dim=1)  # (P', k + k'), kept ones first
+            merged, order = merged.sort(dim=1, stable=True)
+            keep = order[:, : self.k]  # (P', k) positions in [kept | new]
+            from_new = keep >= self.k
+            new_rows = winners.gather(1, (keep - self.k).clamp_min(0))  # (P', k) patch rows (if new)
+            old = (self.vectors[proto_ids], self.sample_ids[proto_ids], self.locations[proto_ids])
+            slot = keep.clamp_max(self.k - 1)
+            self.dist[proto_ids] = merged[:, : self.k]
+            self.vectors[proto_ids] = torch.where(
+                from_new[..., None], patches[new_rows], old[0].gather(1, slot[..., None].expand_as(old[0]))
+            )
+            self.sample_ids[proto_ids] = torch.where(from_new, sample_ids[new_rows], old[1].gather(1, slot))
+            self.locations[proto_ids] = torch.where(
+                from_new[..., None], locations[new_rows], old[2].gather(1, slot[..., None].expand_as(old[2]))
+            )
+
+
+def _distinct_choice(owners: torch.Tensor, dist: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(P,) which of its k candidates (P, k) each prototype takes so that no two prototypes of one owner
+    share a patch (``keys`` (P, k) identify patches): nearest pairs first, a prototype whose nearest
+    patch is taken gets its next-nearest free one. k >= prototypes per owner always leaves one free."""
+    choice = torch.zeros(len(owners), dtype=torch.long, device=dist.device)
+    for owner in owners.unique().tolist():
+        members = (owners == owner).nonzero().flatten().tolist()
+        pairs = sorted(
+            (float(dist[p, j]), p, j)
+            for p in members
+            for j in range(dist.shape[1])
+            if dist[p, j] < float("inf")
+        )
+        taken: set[int] = set()
+        free = set(members)
+        for _, p, j in pairs:
+            key = int(keys[p, j])
+            if p in free and key not in taken:
+                choice[p] = j
+                taken.add(key)
+                free.discard(p)
+    return choice
 
 
 @torch.no_grad()
@@ -110,6 +146,7 @@ def nearest_patches(
     metric: str,
     batches: Iterable[Sequence[torch.Tensor]],
     restrict_to_owner: bool = True,
+    distinct: bool = False,
     allowed: torch.Tensor | None = None,
 ) -> PushResult:
     """For each prototype (P, D), the nearest patch over all ``batches`` (of its owner's class if restricted;
@@ -117,14 +154,17 @@ def nearest_patches(
     below a node).
 
     Restricted pushes compare each class's patches with that class's prototypes only (C times less work
-    than masking a full distance matrix). Under DDP every rank streams its own batches and the best
-    candidate is gathered across ranks, so all ranks return the same result. Raises ValueError (on every
+    than masking a full distance matrix). ``distinct`` keeps each prototype's k nearest patches (k = the
+    most prototypes an owner has) and then gives no two prototypes of an owner the same patch (nearest
+    pairs first; see :func:`_distinct_choice`). Under DDP every rank streams its own batches and the best
+    candidates are gathered across ranks, so all ranks return the same result. Raises ValueError (on every
     rank) for an empty stream or an owner class that never appears.
     """
     prototypes = prototypes.detach()
     p, d = prototypes.shape
     device = prototypes.device
-    best = _RunningBest(prototypes, metric)
+    k = int(torch.bincount(owners.long()).max()) if distinct and p else 1
+    best = _RunningBest(prototypes, metric, k)
     all_ids = torch.arange(p, device=device)
     by_owner = {int(o): all_ids[owners == o] for o in owners.unique()}
     if allowed is not None and (allowed.shape[0] != p or allowed.dtype != torch.bool):
@@ -152,12 +192,12 @@ def nearest_patches(
                 patch_ids = (labels == label).nonzero().flatten()
                 best.update(by_owner[label], patch_ids, patches, sample_ids, locations)
     total_batches = distributed.all_reduce_sum_(torch.tensor([num_batches], device=device))
-    best_dist, payload = best.dist, (best.vectors, best.sample_ids, best.locations)
+    dist, payload = best.dist, (best.vectors, best.sample_ids, best.locations)  # (P, k), (P, k, ...)
     if distributed.world_size() > 1:
-        best_dist, payload = _gather_best(best_dist, payload)
+        dist, payload = _gather_best(dist, payload)
     if int(total_batches.item()) == 0:
         raise ValueError("Push got an empty dataloader: no batches of embeddings to project prototypes onto.")
-    missing = ~torch.isfinite(best_dist)
+    missing = ~torch.isfinite(dist[:, 0])
     if missing.any():
         classes = sorted(set(owners[missing].tolist()))
         raise ValueError(
@@ -165,22 +205,33 @@ def nearest_patches(
             f"(owner classes {classes[:10]}): those classes have no samples in the push data. Include them "
             "or push with restrict_to_owner=False."
         )
-    return PushResult(payload[0], best_dist, payload[1], payload[2])
+    choice = torch.zeros(p, dtype=torch.long, device=device)
+    if k > 1:
+        triples = torch.cat([payload[1][..., None], payload[2]], dim=2).reshape(-1, 3)  # sample, row, col
+        keys = torch.unique(triples, dim=0, return_inverse=True)[1].view(p, k)
+        choice = _distinct_choice(owners, dist, keys).to(device)
+    rows = torch.arange(p, device=device)
+    vectors, sample_ids, locations = (tensor[rows, choice] for tensor in payload)
+    return PushResult(vectors, dist[rows, choice], sample_ids, locations)
 
 
 def _gather_best(
     best_dist: torch.Tensor, payload: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Pick each prototype's best candidate over all ranks (ties go to the lowest rank).
+    """Each prototype's k best candidates (P, k) over all ranks (ties go to the lower rank).
 
-    Only the distances are gathered; the winner's payload rows reach every rank by a sum in which the
-    other ranks contribute zeros, so memory stays (P, D) whatever the world size.
+    Only the distances are gathered; the winners' payload rows reach every rank by a sum in which the
+    other ranks contribute zeros, so memory stays (P, k, D) whatever the world size.
     """
-    all_dist = distributed.all_gather(best_dist)  # (world, P)
-    dist, winner_rank = all_dist.min(dim=0)
-    mine = winner_rank == distributed.rank()
+    p, k = best_dist.shape
+    all_dist = distributed.all_gather(best_dist)  # (world, P, k)
+    flat = all_dist.permute(1, 0, 2).reshape(p, -1)  # (P, world * k), lower ranks first
+    dist, order = flat.sort(dim=1, stable=True)
+    dist, order = dist[:, :k], order[:, :k]
+    mine, slot = order // k == distributed.rank(), order % k  # (P, k)
     out = []
-    for tensor in payload:
-        shape = (-1,) + (1,) * (tensor.ndim - 1)
-        out.append(distributed.all_reduce_sum_(tensor * mine.view(shape).to(tensor.dtype)))
+    for tensor in payload:  # (P, k, ...)
+        shape = (p, k) + (1,) * (tensor.ndim - 2)
+        picked = tensor.gather(1, slot.view(shape).expand_as(tensor))
+        out.append(distributed.all_reduce_sum_(picked * mine.view(shape).to(tensor.dtype)))
     return dist, tuple(out)

@@ -44,6 +44,24 @@ def separation_cost(
     return _masked_min_distance(min_distances, other, max_dist).mean()
 
 
+def prototype_cluster_cost(
+    min_distances: torch.Tensor, labels: torch.Tensor, identity: torch.Tensor
+) -> torch.Tensor:
+    """Mean over prototypes of the distance to their nearest patch among the batch's images of their class.
+
+    The paper's cluster cost pulls only each image's *nearest* own-class prototype, so prototypes that are
+    nobody's nearest get no pull toward their class's patches; they drift away from the data and push then
+    lands them on whatever patch happens to be nearest (often background, or one patch shared by several of
+    them). This term gives every prototype that pull. Prototypes of classes absent from the batch are skipped.
+    """
+    own = identity[:, labels].T.bool()  # (B, P)
+    nearest = min_distances.masked_fill(~own, float("inf")).min(dim=0).values  # (P,)
+    present = torch.isfinite(nearest)
+    if not present.any():
+        return min_distances.sum() * 0.0
+    return nearest[present].mean()
+
+
 def wrong_class_l1(last_layer_weight: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """L1 norm of the last-layer weights (C, P) that connect prototypes to classes they do not belong to."""
     return (last_layer_weight * (1 - identity.T)).abs().sum()
@@ -53,13 +71,21 @@ class ProtoPNetLoss(nn.Module):
     """Weighted sum ``ce * CE + cluster * Clst + separation * Sep + l1 * L1`` (paper: 1, 0.8, -0.08, 1e-4).
 
     The separation weight is negative: larger distances to other classes' prototypes lower the loss.
+    ``prototype_cluster`` (not in the paper; 0 = the paper's loss) adds :func:`prototype_cluster_cost`.
     """
 
     def __init__(
-        self, cross_entropy: float = 1.0, cluster: float = 0.8, separation: float = -0.08, l1: float = 1e-4
+        self,
+        cross_entropy: float = 1.0,
+        cluster: float = 0.8,
+        separation: float = -0.08,
+        l1: float = 1e-4,
+        prototype_cluster: float = 0.0,
     ) -> None:
         super().__init__()
         self.weights = {"ce": cross_entropy, "cluster": cluster, "separation": separation, "l1": l1}
+        if prototype_cluster:
+            self.weights["prototype_cluster"] = prototype_cluster
 
     def forward(
         self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor, net: nn.Module
@@ -76,6 +102,8 @@ class ProtoPNetLoss(nn.Module):
             "separation": separation_cost(min_distances, labels, identity, max_dist),
             "l1": wrong_class_l1(net.last_layer.weight, identity),
         }
+        if "prototype_cluster" in self.weights:
+            terms["prototype_cluster"] = prototype_cluster_cost(min_distances, labels, identity)
         total = sum(self.weights[name] * value for name, value in terms.items())
         return total, terms
 

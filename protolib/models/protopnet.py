@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +190,10 @@ class ProtoPNet(nn.Module):
             the source image: "before_push" (the prototype as trained, before it is replaced by the patch:
             the reference code's push.py) or "after_push" (the pushed prototype, i.e. the patch itself).
             The receptive-field box is the same either way.
+        backbone_options: extra ``build_backbone`` arguments (``small_cnn``: ``width``, ``padding_mode``,
+            ``blocks_per_stage``).
+        distinct_push: push gives no two prototypes of a class the same patch (not in the paper, whose push
+            lets them collapse onto one; the later ones take their nearest free patch).
     """
 
     def __init__(
@@ -208,6 +212,8 @@ class ProtoPNet(nn.Module):
         unit_prototypes: bool = False,
         prototype_sets: Sequence[str] | None = None,
         activation_boxes: str = "before_push",
+        backbone_options: Mapping[str, Any] | None = None,
+        distinct_push: bool = False,
     ) -> None:
         super().__init__()
         if activation_boxes not in ACTIVATION_BOXES:
@@ -230,7 +236,10 @@ class ProtoPNet(nn.Module):
         self.prototype_dim = prototype_dim * sets
         self.image_size = image_size
         self.unit_prototypes = unit_prototypes
-        self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
+        self.distinct_push = distinct_push
+        self.backbone = build_backbone(
+            backbone, pretrained=pretrained, in_chans=in_channels, **dict(backbone_options or {})
+        )
         self.receptive_field: ReceptiveField = receptive_field(self.backbone, image_size, in_channels)
         branches = [build_add_on(self.backbone.out_channels, prototype_dim, add_on_activations)]
         branches += [
@@ -413,7 +422,9 @@ class ProtoPNet(nn.Module):
             counts = torch.zeros(self.num_classes, dtype=torch.long)
             batches = self._embed_batches(loader, counts)
             queries = self.prototype_layer.push_queries()  # the prototypes as push compares them
-            result = self.bank.nearest_per_prototype(batches, restrict_to_owner=True, queries=queries)
+            result = self.bank.nearest_per_prototype(
+                batches, restrict_to_owner=True, distinct=self.distinct_push, queries=queries
+            )
             per_class = torch.bincount(self.owners.cpu(), minlength=self.num_classes)
             short = ((counts < per_class) & (per_class > 0)).nonzero().flatten().tolist()
             if warn and short:

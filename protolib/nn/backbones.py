@@ -10,24 +10,36 @@ class SmallCNN(nn.Module):
     """Four 3x3 conv blocks with two 2x2 poolings: stride 4, ``width * 2`` output channels.
 
     Sized for 16-64 px images (digits, parts), where a timm ImageNet model would be mostly padding.
+    ``padding_mode`` "zeros" (default) marks the border: a corner location sees padding no interior one does;
+    "replicate" / "reflect" pad with image content instead. ``blocks_per_stage`` 2 (default) gives each
+    output location a 16 px receptive field, 1 a 10 px one (at 16 px images, 2 sees the whole image).
     """
 
-    def __init__(self, in_chans: int = 3, width: int = 32) -> None:
+    def __init__(
+        self, in_chans: int = 3, width: int = 32, padding_mode: str = "zeros", blocks_per_stage: int = 2
+    ) -> None:
         super().__init__()
+        if padding_mode not in {"zeros", "reflect", "replicate"}:
+            raise ValueError(
+                f"small_cnn padding_mode {padding_mode!r} is unknown: use zeros, reflect or replicate"
+            )
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False, padding_mode=padding_mode),
                 nn.BatchNorm2d(cout),
                 nn.ReLU(inplace=True),
             ]
 
+        if blocks_per_stage not in (1, 2):
+            raise ValueError(f"small_cnn blocks_per_stage must be 1 or 2, got {blocks_per_stage}")
+        extra = blocks_per_stage == 2
         self.body = nn.Sequential(
             *block(in_chans, width),
-            *block(width, width),
+            *(block(width, width) if extra else []),
             nn.MaxPool2d(2),
             *block(width, 2 * width),
-            *block(2 * width, 2 * width),
+            *(block(2 * width, 2 * width) if extra else []),
             nn.MaxPool2d(2),
         )
         self.out_channels = 2 * width

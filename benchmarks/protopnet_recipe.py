@@ -1,0 +1,132 @@
+"""Where do ProtoPNet's prototypes look, and what does push cost? Each step of the recipe study, 3 seeds.
+
+    PYTHONPATH=. python benchmarks/protopnet_recipe.py                  # every step of STEPS
+    PYTHONPATH=. python benchmarks/protopnet_recipe.py --steps paper_digits,digits --seeds 0
+
+For every step (an experiment plus config overrides) and seed, trains through train.py's ``run`` and records
+test accuracy, the push-quality measures of the tested model (``test/push_*``: background share, distinct
+source images, duplicates, part score on ``parts``), and the push cost: validation accuracy at the end of
+the last joint epoch before the final push minus the pushed model's at the end of that push's last-layer
+epochs (from the run's CSV log). Prints a table (mean and spread over seeds) and writes JSON atomically to
+benchmarks/results/protopnet_recipe.json, with the thread count it ran with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from protolib.cli.train import CONFIG_DIR, run
+from protolib.utils.io import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# name -> (experiment, overrides): the configurations compared in benchmarks/README.md.
+REPLICATE = "model.net.backbone_options={padding_mode:replicate}"
+STEPS: dict[str, tuple[str, list[str]]] = {
+    "digits": ("protopnet_digits", []),
+    "digits_pcluster": ("protopnet_digits", ["model.loss.prototype_cluster=0.8"]),
+    "digits_replicate": ("protopnet_digits", [REPLICATE]),
+    "digits_pcluster_replicate": ("protopnet_digits", ["model.loss.prototype_cluster=0.8", REPLICATE]),
+    "digits32_pcluster_replicate": (
+        "protopnet_digits",
+        ["data.image_size=32", "model.loss.prototype_cluster=0.8", REPLICATE],
+    ),
+    "digits_pcluster_replicate_shallow": (
+        "protopnet_digits",
+        [
+            "model.loss.prototype_cluster=0.8",
+            "model.net.backbone_options={padding_mode:replicate,blocks_per_stage:1}",
+        ],
+    ),
+    "digits_pcluster_replicate_distinct": (
+        "protopnet_digits",
+        ["model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
+    ),
+    "parts": ("protopnet_parts", []),
+}
+COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
+
+
+def push_cost(log: Path) -> float:
+    """Val accuracy before the final push minus after its last-layer epochs, from the CSV log."""
+    rows = [row for row in csv.DictReader(log.open()) if row.get("val/acc")]
+    pushed = [i for i, row in enumerate(rows) if row.get("val/pushed_acc") not in ("", "nan", None)]
+    if not pushed:
+        return float("nan")
+    last = pushed[-1]
+    start = last
+    while start > 0 and rows[start - 1].get("val/pushed_acc") not in ("", "nan", None):
+        start -= 1  # first last-layer epoch of the final cycle
+    return float(rows[start - 1]["val/acc"]) - float(rows[last]["val/pushed_acc"]) if start else float("nan")
+
+
+def train(experiment: str, overrides: list[str], seed: int) -> dict[str, float]:
+    """One run: test metrics, push measures and push cost."""
+    fixed = ["trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", f"seed={seed}"]
+    with tempfile.TemporaryDirectory() as out, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"experiment={experiment}", f"output_dir={out}", *fixed, *overrides]
+        )
+        start = time.perf_counter()
+        metrics = run(cfg)
+        result = {"seconds": time.perf_counter() - start, "test_acc": metrics["test/acc"]}
+        result |= {
+            key.removeprefix("test/push_"): v for key, v in metrics.items() if key.startswith("test/push_")
+        }
+        result["push_cost"] = push_cost(Path(out) / "csv" / "metrics.csv")
+    return result
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, str]:
+    """'mean +- sd' of every column over seeds (blank where a measure does not apply)."""
+    cells = {}
+    for column in (*COLUMNS, "seconds"):
+        values = [r[column] for r in runs if column in r and r[column] == r[column]]
+        if values:
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells[column] = f"{statistics.mean(values):.3f} +- {spread:.3f}"
+        else:
+            cells[column] = ""
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated names of STEPS")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--out", default="protopnet_recipe.json", help="file name under benchmarks/results/")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor(),
+        "steps": {},
+    }
+    for name in args.steps.split(","):
+        if name not in STEPS:
+            raise SystemExit(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+        experiment, overrides = STEPS[name]
+        runs = [train(experiment, overrides, seed) for seed in seeds]
+        results["steps"][name] = {"experiment": experiment, "overrides": overrides, "runs": runs}
+        atomic_write_json(RESULTS / args.out, results)
+    header = ["step", *COLUMNS, "seconds"]
+    print(" | ".join(header))
+    for name, step in results["steps"].items():
+        cells = summarize(step["runs"])
+        print(" | ".join([name, *(cells[c] for c in header[1:])]))
+    print(f"threads: {results['threads']}")
+
+
+if __name__ == "__main__":
+    main()
