@@ -1,7 +1,7 @@
 """Command line of the explanation toolkit: ``python -m explain <command> ...``.
 
-python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --out pictures/
-python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7 --out why.png
+python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt   # <run>/explain/
+python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7   # <run>/explain/
 python -m explain routing --checkpoint outputs/promoe_vit_parts/.../checkpoints/last.ckpt   # MoE routing
 """
 
@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from explain.prototypes import load_checkpoint, render_checkpoint, save_png
+from explain.routing import default_out_dir
 
 
 def explain_test_image(args: argparse.Namespace) -> None:
@@ -18,6 +19,10 @@ def explain_test_image(args: argparse.Namespace) -> None:
     from explain.attribution import integrated_gradients, save_attribution
     from explain.local import explain_image, save_explanation
 
+    out_dir = default_out_dir(args.checkpoint, "explain")
+    args.out = args.out or out_dir / f"local-{args.index}.png"
+    if args.integrated_gradients == "":  # the flag without a file name
+        args.integrated_gradients = out_dir / f"ig-{args.index}.png"
     module, datamodule = load_checkpoint(args.checkpoint)
     test = datamodule.test_dataset
     if not 0 <= args.index < len(test):
@@ -58,19 +63,29 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     prototypes = commands.add_parser("prototypes", help="render every prototype of a ProtoPNet checkpoint")
     prototypes.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    prototypes.add_argument("--out", required=True, help="folder for pictures, gallery, prototypes.json")
+    prototypes.add_argument(
+        "--out",
+        default=None,
+        help="folder for pictures, gallery, prototypes.json (default: <run>/explain/prototypes)",
+    )
     prototypes.add_argument("--classes-per-page", type=int, default=25, help="gallery rows per page")
     local = commands.add_parser("local", help="why a ProtoPNet checkpoint predicted its class")
     local.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     local.add_argument("--index", type=int, required=True, help="position of the image in the test split")
-    local.add_argument("--out", required=True, help="PNG of the prototype explanation")
+    local.add_argument(
+        "--out",
+        default=None,
+        help="PNG of the prototype explanation (default: <run>/explain/local-<index>.png)",
+    )
     local.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted)")
     local.add_argument("-k", type=int, default=3, help="how many top-contributing prototypes to show")
     local.add_argument(
         "--integrated-gradients",
         default=None,
+        nargs="?",
+        const="",
         metavar="PNG",
-        help="also write captum integrated gradients of the same logit to this PNG",
+        help="also write captum integrated gradients (to PNG; default <run>/explain/ig-<index>.png)",
     )
     routing = commands.add_parser(
         "routing", help="routing maps, expert galleries, usage of an MoE checkpoint"
@@ -88,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         written = render_routing_checkpoint(args.checkpoint, args.out, args.images, args.per_expert)
         print(f"wrote {len(written)} files to {written[0].parent}")
     else:
-        written = render_checkpoint(args.checkpoint, args.out, args.classes_per_page)
-        print(f"wrote {len(written)} files to {args.out}")
+        out = args.out or default_out_dir(args.checkpoint, "explain") / "prototypes"
+        written = render_checkpoint(args.checkpoint, out, args.classes_per_page)
+        print(f"wrote {len(written)} files to {out}")
 
 
 if __name__ == "__main__":

@@ -348,11 +348,12 @@ def render_routing(
     return written
 
 
-def default_out_dir(checkpoint: str | Path) -> Path:
-    """``<run>/routing`` for ``<run>/checkpoints/<name>.ckpt`` (else a ``routing`` folder beside the file)."""
+def default_out_dir(checkpoint: str | Path, name: str = "routing") -> Path:
+    """``<run>/<name>`` for ``<run>/checkpoints/<file>.ckpt`` (else a ``name`` folder beside the file): where
+    the explain commands write by default, inside the run folder rather than the current directory."""
     path = Path(checkpoint).resolve()
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run / "routing"
+    return run / name
 
 
 def render_routing_checkpoint(

@@ -250,6 +250,13 @@ def test_local_command_explains_a_test_image_of_a_checkpoint(
     assert Image.open(out).size[1] > 0 and Image.open(gradients).size[0] > 0
     with pytest.raises(ValueError, match="out of range"):
         explain_cli(["local", "--checkpoint", str(checkpoint), "--index", "99", "--out", str(out)])
+    # without --out everything goes under the run folder (<run>/checkpoints/<file>.ckpt), not the cwd
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    in_run = (tmp_path / "run" / "checkpoints" / "best.ckpt").resolve()
+    checkpoint.rename(in_run)
+    explain_cli(["local", "--checkpoint", str(in_run), "--index", "1", "-k", "1", "--integrated-gradients"])
+    for name in ("local-1.png", "ig-1.png"):
+        assert Image.open(tmp_path / "run" / "explain" / name).size[0] > 0
 
 
 def test_attribution_png(module: ProtoPNetModule, datamodule: PartsDataModule, tmp_path: Path) -> None:

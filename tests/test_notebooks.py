@@ -26,13 +26,14 @@ def test_notebook_is_committed_without_outputs(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_without_errors(path: Path) -> None:
+def test_notebook_runs_without_errors(path: Path, tmp_path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     # The kernel is this interpreter's (the venv's); one torch thread like the rest of the suite.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env["TMPDIR"] = str(tmp_path)  # where the notebook's scratch folders go: it must clean them up
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     client.execute(env=env)  # raises CellExecutionError naming the cell and its traceback
     errors = [
@@ -45,3 +46,4 @@ def test_notebook_runs_without_errors(path: Path) -> None:
     assert not errors
     executed = [cell.execution_count for cell in notebook.cells if cell.cell_type == "code"]
     assert all(count is not None for count in executed)  # every code cell ran
+    assert not list(tmp_path.glob("protolib-notebook-*")), "the notebook left its scratch folder behind"
