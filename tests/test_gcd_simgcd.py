@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from protolib.bank import PrototypeBank
 from protolib.data.digits import DigitsDataModule
 from protolib.data.gcd import GCDDataModule
+from protolib.lit.callbacks.gcd import ClusterGallery
 from protolib.lit.gcd import SimGCDModule
 from protolib.losses.gcd import (
     contrastive_loss,
@@ -136,6 +137,7 @@ def test_simgcd_trains_and_logs_gcd_metrics(tmp_path) -> None:
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=3, limit_val_batches=1, limit_test_batches=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        callbacks=[ClusterGallery(num_images=3)],
     )  # fmt: skip
     before = module.prototype_bank.vectors.detach().clone()
     trainer.fit(module, datamodule=dm)
@@ -143,6 +145,7 @@ def test_simgcd_trains_and_logs_gcd_metrics(tmp_path) -> None:
     metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
     for key in ("test/all_acc", "test/old_acc", "test/new_acc", "test/k", "test/inductive_all_acc"):
         assert key in metrics and 0.0 <= metrics[key] <= 10.0
+    assert (tmp_path / "clusters.png").stat().st_size > 0  # the gallery of discovered clusters
 
 
 def test_k_below_known_classes_fails_before_training(tmp_path) -> None:

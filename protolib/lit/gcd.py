@@ -182,6 +182,7 @@ class SimGCDModule(ClassifierModule):
         if self.evaluations["trans"].preds:
             trans, preds, labels = self.evaluations["trans"].compute(known, "test/")
             metrics.update(trans)
+            metrics["test/acc"] = trans["test/all_acc"]  # accuracy after matching, for train.py's summary
             metrics["test/k"] = float(len(np.unique(preds)))
             # class x cluster confusion after matching (train.py draws test_confusion)
             to_class = {cluster: cls for cls, cluster in hungarian_match(labels, preds).items()}
