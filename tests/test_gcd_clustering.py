@@ -86,3 +86,12 @@ def test_bad_inputs_name_the_fix() -> None:
         semi_supervised_kmeans(x_nan, 4)
     with pytest.raises(ValueError, match="widen the range"):
         estimate_num_clusters(x, np.where(y < 3, y, -1), k_min=2, k_max=10)
+
+
+def test_empty_cluster_restarts_like_sklearn() -> None:
+    x, _ = blobs(3, n=300, std=0.5, seed=2)
+    init = np.stack([x[0], x[0] + 1e-3, x[1], x[2]]).astype(np.float32)  # a duplicate start: one goes empty
+    ours = semi_supervised_kmeans(x, 4, init=init, max_iter=30, tol=0.0)
+    ref = KMeans(4, init=init, n_init=1, max_iter=30, tol=0.0, algorithm="lloyd").fit(x)
+    assert np.bincount(ours.labels, minlength=4).min() > 0
+    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-3)

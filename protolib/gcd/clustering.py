@@ -3,9 +3,10 @@
 ``semi_supervised_kmeans`` follows ``K_Means.fit_mix`` of github.com/sgvaze/generalized-category-discovery:
 labelled points stay assigned to their class's cluster, those clusters start at the class means, the other
 centres come from k-means++ on the unlabelled points, Lloyd iterations update every centre from all its
-members, and the best of ``n_init`` runs (lowest inertia) is kept. The nearest-centre search runs on a FAISS
-flat index (on the GPU when FAISS has one). ``estimate_num_clusters`` is the paper's Brent search over K of
-the clustering accuracy on the labelled subset (``scipy.optimize.minimize_scalar(method="bounded")``).
+members, and the best of ``n_init`` runs (lowest inertia) is kept; an empty cluster restarts at the farthest
+unlabelled point, as in scikit-learn (the reference's centre would become NaN). The nearest-centre search runs
+on a FAISS flat index (on the GPU when FAISS has one). ``estimate_num_clusters`` is the paper's Brent search
+over K of the clustering accuracy on the labelled subset (scipy `minimize_scalar(method="bounded")`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,28 @@ def _nearest(x: np.ndarray, centers: np.ndarray, use_gpu: bool | None) -> tuple[
     return dist[:, 0], ids[:, 0]
 
 
+def _relocate_empty(
+    sums: np.ndarray, counts: np.ndarray, u_labels: np.ndarray, u_dist: np.ndarray, unlabelled: np.ndarray
+) -> None:
+    """Restart empty clusters at the unlabelled points farthest from their centres, as scikit-learn does.
+
+    The reference leaves an empty cluster's centre NaN; scikit-learn moves it to a far point and removes
+    that point from its donor cluster's sums (in place on ``sums`` (K, D) and ``counts`` (K,)).
+    """
+    empty = np.flatnonzero(counts == 0)
+    if empty.size == 0 or len(u_dist) == 0:
+        return
+    far = np.argsort(-u_dist, kind="stable")[: empty.size]
+    for cluster, point in zip(empty[: far.size], far, strict=True):
+        donor = int(u_labels[point])
+        if counts[donor] <= 1:
+            continue  # never empty a cluster to fill another
+        sums[donor] -= unlabelled[point]
+        counts[donor] -= 1
+        sums[cluster] = unlabelled[point]
+        counts[cluster] = 1
+
+
 @dataclass
 class _Problem:
     """The data of one semi-supervised k-means fit: unlabelled rows, labelled rows and their cluster ids."""
@@ -116,8 +139,9 @@ def _fit_once(
         labels = np.concatenate([p.labelled_cluster, u_labels]).astype(np.int64)  # (N,)
         sums = torch.zeros(k, all_x.shape[1]).index_add_(0, torch.from_numpy(labels), all_x).numpy()  # (K, D)
         counts = np.bincount(labels, minlength=k)
+        _relocate_empty(sums, counts, u_labels, u_dist, p.unlabelled)
         new_centers = centers.copy()
-        filled = counts > 0  # an empty cluster keeps its centre (the reference would make it NaN)
+        filled = counts > 0
         new_centers[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
         if best is None or inertia < best.inertia:
             best = KMeansResult(labels, new_centers.copy(), inertia, it)
