@@ -36,7 +36,7 @@ from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Variants measured, each with experiments <name>_digits and <name>_parts; ProtoPNet is the reference row.
-VARIANTS = ["protopnet", "tesnet", "st_protopnet", "deformable_protopnet", "prototree"]
+VARIANTS = ["protopnet", "tesnet", "st_protopnet", "deformable_protopnet", "cbc", "prototree"]
 # --quick overrides of variants whose schedule is not ProtoPNet's (the others use QUICK_SCHEDULE).
 QUICK = {"prototree": ["model.schedule.epochs=1", "model.schedule.freeze_epochs=0", *QUICK_SCHEDULE[-3:]]}
 DATASETS = ("digits", "parts")

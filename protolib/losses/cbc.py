@@ -23,3 +23,26 @@ def margin_loss(probabilities: torch.Tensor, labels: torch.Tensor, margin: float
 def rbf_cross_entropy(scores: torch.Tensor, labels: torch.Tensor, normalization: float = 2.0) -> torch.Tensor:
     """Cross-entropy of the logits ``log1p(scores ** normalization)``, scores (B, C) in [0, 1]."""
     return F.cross_entropy(torch.log1p(scores.pow(normalization)), labels)
+
+
+class CBCLoss(torch.nn.Module):
+    """The class loss of the network's head (margin loss for ``CBCHead``, log1p cross-entropy for ``RBFHead``)
+    plus ``tanh`` x PIP-Net's tanh loss ``-mean_k log(tanh(sum_b presence_bk) + 1e-8)`` on the max-pooled
+    detection probabilities (B, K), which keeps every component present somewhere in the batch (the reference
+    uses it with the RBF head, weight 2, next to class loss weight 2)."""
+
+    def __init__(self, classification: float = 1.0, tanh: float = 0.0, margin: float = 0.025) -> None:
+        super().__init__()
+        self.weights = {"class": classification, "tanh": tanh}
+        self.margin = margin
+
+    def forward(self, outputs: dict, labels: torch.Tensor, net: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+        scores = outputs["logits"]
+        head = net.last_layer
+        if hasattr(head, "normalization"):
+            class_loss = rbf_cross_entropy(scores, labels, head.normalization)
+        else:
+            class_loss = margin_loss(scores, labels, self.margin)
+        presence = outputs["prototype_similarity"]  # (B, K)
+        terms = {"class": class_loss, "tanh": -torch.log(torch.tanh(presence.sum(dim=0)) + 1e-8).mean()}
+        return sum(self.weights[n] * v for n, v in terms.items()), terms

@@ -165,3 +165,54 @@ class DeformablePrototypeLayer(nn.Module):
         """Prototypes as push compares them with :meth:`push_patches` (P, D * n): parts normalised."""
         normalised = self.similarity.normalize_prototypes(self.prototype_parts())[:, : self.channels]
         return normalised.reshape(self.num_prototypes, -1)
+
+
+class PresenceSimilarity(nn.Module):
+    """Distances ``1 - detection probability`` -> similarity ``1 - d`` (the detection probability itself)."""
+
+    metric = "ip"
+
+    def similarity(self, distances: torch.Tensor) -> torch.Tensor:
+        return 1 - distances
+
+    def cost_distances(
+        self, features: torch.Tensor, prototypes: torch.Tensor, distances: torch.Tensor
+    ) -> torch.Tensor:
+        return distances
+
+
+class DetectionLayer(nn.Module):
+    """Detection probabilities of K components at every location (deep CBC / PIP-Net): the softmax over the
+    components of ``<z, w_k>`` (a 1 x 1 convolution whose K weight vectors live in the bank), so that every
+    location's probabilities sum to one. Distances are ``1 - probability``."""
+
+    def __init__(self, bank: PrototypeBank) -> None:
+        super().__init__()
+        self.bank = bank
+        self.similarity = PresenceSimilarity()
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.bank.num_prototypes
+
+    def presence(self, features: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, H, W) -> detection probabilities (B, K, H, W), softmax over K."""
+        vectors = self.bank.vectors if vectors is None else vectors
+        return torch.softmax(torch.einsum("bdhw,kd->bkhw", features, vectors), dim=1)
+
+    def forward(self, features: torch.Tensor) -> PrototypeActivations:
+        distances = 1 - self.presence(features)  # (B, K, H, W)
+        min_distances = distances.flatten(2).min(dim=2).values  # (B, K): 1 - max-pooled presence
+        return PrototypeActivations(distances, min_distances, self.similarity, min_distances)
+
+    def distance_maps(
+        self, features: torch.Tensor, ids: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Distances (B, N, H, W) to components ``ids``: the softmax still runs over all K components."""
+        return 1 - self.presence(features, vectors)[:, ids.to(features.device)]
+
+    def push_patches(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def push_queries(self) -> torch.Tensor:
+        return self.bank.vectors
