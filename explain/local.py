@@ -10,6 +10,7 @@ its high-activation box, by the same percentile rule push uses) next to the trai
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,15 +184,18 @@ def plot_explanation(explanation: LocalExplanation) -> Figure:
         )
         row[2].imshow(resize_panel(evidence.source_patch, PANEL))
         row[2].set_title(
-            f"class {evidence.owner} ({names[evidence.owner]})\nsim {evidence.similarity:.2f} x weight "
-            f"{evidence.weight:.2f} = {evidence.contribution:.2f}",
+            f"{textwrap.fill(f'class {evidence.owner} ({names[evidence.owner]})', 30)}\nsim "
+            f"{evidence.similarity:.2f} x weight {evidence.weight:.2f} = {evidence.contribution:.2f}",
             fontsize=9,
         )
         for axis in row:
             axis.set_axis_off()
     figure.suptitle(
-        f"predicted {names[explanation.predicted]}; class {names[explanation.target]}: logit "
-        f"{explanation.logit:.2f} = sum of {len(explanation.contributions)} contributions",
+        textwrap.fill(
+            f"predicted {names[explanation.predicted]}; class {names[explanation.target]}: logit "
+            f"{explanation.logit:.2f} = sum of {len(explanation.contributions)} contributions",
+            90,
+        ),  # wrapped, so that long class names are not cut off
         fontsize=10,
     )
     return figure

@@ -36,7 +36,8 @@ PART_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (24
 PATCH_PROTOTYPE_API = ("provenance", "paired_similarity_maps", "prototype_bank")
 PANEL = 160  # side of one picture panel in pixels
 TILE = 64  # side of one gallery tile in pixels
-LABEL_WIDTH = 110  # gallery: width of the class-name column
+LABEL_WIDTH = 110  # gallery: least width of the class-name column (wider for longer names)
+LEGEND = (("receptive field", RF_COLOUR), ("high activation", ACTIVATION_COLOUR))  # the source panel's boxes
 
 
 def prototype_weights(model: torch.nn.Module) -> torch.Tensor:
@@ -121,11 +122,19 @@ def prototype_picture(
         draw_box(source, box, side, PART_COLOURS[number % len(PART_COLOURS)])
     patch = Image.fromarray(crop_box(image, activation_box)).resize((PANEL, PANEL), Image.NEAREST)
     overlay = resize_panel(heatmap_overlay(image, activation), PANEL)
-    header = 18
-    canvas = Image.new("RGB", (3 * PANEL + 4 * 4, PANEL + header + 4), "white")
+    header, legend = 18, 16
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(3 * PANEL + 4 * 4, int(measure.textlength(title)) + 8)  # long class names are not cut off
+    canvas = Image.new("RGB", (width, PANEL + header + legend + 4), "white")
     for column, panel in enumerate((source, patch, overlay)):
         canvas.paste(panel, (4 + column * (PANEL + 4), header))
-    ImageDraw.Draw(canvas).text((4, 3), title, fill="black")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill="black")
+    x, y = 4, header + PANEL + 3  # legend of the source panel's two boxes, in their colours
+    for label, colour in LEGEND:
+        draw.rectangle([x, y + 1, x + 14, y + 9], outline=colour, width=2)
+        draw.text((x + 19, y), label, fill="black")
+        x += 19 + int(measure.textlength(label)) + 14
     return canvas
 
 
@@ -138,17 +147,19 @@ def gallery_pages(
         by_class.setdefault(owner, []).append(patch)
     classes = sorted(by_class)
     columns = max(len(row) for row in by_class.values())
+    labels = {c: f"{c}: {class_names[c] if c < len(class_names) else c}" for c in classes}
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(LABEL_WIDTH, *(int(measure.textlength(text)) + 10 for text in labels.values()))
     pages = []
     for start in range(0, len(classes), classes_per_page):
         rows = classes[start : start + classes_per_page]
-        page = Image.new("RGB", (LABEL_WIDTH + columns * (TILE + 2), len(rows) * (TILE + 2)), "white")
+        page = Image.new("RGB", (label_width + columns * (TILE + 2), len(rows) * (TILE + 2)), "white")
         draw = ImageDraw.Draw(page)
         for r, owner in enumerate(rows):
             top = r * (TILE + 2)
-            name = class_names[owner] if owner < len(class_names) else str(owner)
-            draw.text((4, top + TILE // 2 - 6), f"{owner}: {name}"[:18], fill="black")
+            draw.text((4, top + TILE // 2 - 6), labels[owner], fill="black")
             for c, patch in enumerate(by_class[owner]):
-                page.paste(resize_panel(patch, TILE), (LABEL_WIDTH + c * (TILE + 2), top))
+                page.paste(resize_panel(patch, TILE), (label_width + c * (TILE + 2), top))
         pages.append(page)
     return pages
 

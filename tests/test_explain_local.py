@@ -11,7 +11,7 @@ from PIL import Image
 
 from explain.__main__ import main as explain_cli
 from explain.attribution import integrated_gradients, save_attribution
-from explain.local import explain_image, save_explanation
+from explain.local import explain_image, plot_explanation, save_explanation
 from explain.prototypes import to_rgb_uint8
 from explain.scores import box_part_fractions, prototype_part_score
 from protolib.data.parts import PartsDataModule
@@ -29,7 +29,13 @@ DATA = {
     "batch_size": 16,
     "seed": 0,
 }
-MODEL = {"backbone": "small_cnn", "pretrained": False, "prototypes_per_class": 2, "prototype_dim": 8}
+MODEL = {
+    "backbone": "small_cnn",
+    "pretrained": False,
+    "prototypes_per_class": 2,
+    "prototype_dim": 8,
+    "activation_boxes": "after_push",  # boxes of the pushed prototypes, which explanations recompute
+}
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +271,20 @@ def test_attribution_png(module: ProtoPNetModule, datamodule: PartsDataModule, t
     picture = to_rgb_uint8(datamodule.denormalize(image[None]))[0]
     path = save_attribution(attribution, picture, tmp_path / "ig.png", title="t")
     assert np.asarray(Image.open(path)).std() > 0
+
+
+def test_long_class_names_are_wrapped_not_cut(module: ProtoPNetModule, datamodule: PartsDataModule) -> None:
+    long_names = [f"class number {c} with a really quite long descriptive name" for c in range(4)]
+    explanation = explain_image(
+        module.net,
+        datamodule.test_dataset[0]["image"],
+        datamodule.push_dataloader().dataset,
+        datamodule.denormalize,
+        class_names=long_names,
+        k=1,
+    )
+    figure = plot_explanation(explanation)
+    title = figure.axes[2].get_title()
+    assert max(len(line) for line in title.splitlines()) <= 60  # wrapped to fit the panel
+    assert " ".join(title.split()).count("with a really quite long descriptive name") == 1  # all of it
+    assert "descriptive name" in figure._suptitle.get_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from protopnet_helpers import PER_CLASS, make_module, tiny_digits
 
 from explain.callbacks import PrototypePictures
@@ -19,6 +19,7 @@ from explain.prototypes import (
     TILE,
     gallery_pages,
     heatmap_overlay,
+    prototype_picture,
     render_prototypes,
 )
 from protolib.data.digits import DigitsDataModule
@@ -53,7 +54,7 @@ def test_render_writes_one_picture_per_prototype_gallery_and_provenance(
     for p, path in enumerate(pictures):
         assert path.stat().st_size > 0
         picture = np.asarray(Image.open(path).convert("RGB"))
-        assert picture.shape == (PANEL + 22, 3 * PANEL + 16, 3)
+        assert picture.shape == (PANEL + 22 + 16, 3 * PANEL + 16, 3)  # title, panels, legend
         source_panel = picture[18 : 18 + PANEL, 4 : 4 + PANEL]
         for colour in (RF_COLOUR, ACTIVATION_COLOUR):  # both boxes are drawn on the source image
             assert (source_panel == colour).all(axis=-1).any(), (p, colour)
@@ -87,6 +88,27 @@ def test_gallery_rows_hold_each_class_prototypes() -> None:
     pixels = np.asarray(page)
     assert (pixels[5, 115] == 20).all()  # class 0's only prototype (value 20) opens row 0
     assert (pixels[TILE + 2 + 5, 115] == 10).all() and (pixels[TILE + 2 + 5, 115 + TILE + 2] == 30).all()
+
+
+def test_long_class_names_widen_the_gallery_instead_of_being_cut() -> None:
+    long_name = "Black-footed Albatross of the northern Pacific"
+    patches = [np.full((3, 3, 3), 7, dtype=np.uint8)]
+    (page,) = gallery_pages(patches, owners=[0], class_names=[long_name])
+    needed = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(f"0: {long_name}")
+    label_width = page.size[0] - (TILE + 2)
+    assert label_width >= needed + 4  # the whole label fits left of the tiles
+    assert (np.asarray(page)[5, label_width + 5] == 7).all()
+
+
+def test_prototype_picture_has_a_legend_for_its_two_boxes() -> None:
+    image = np.full((16, 16, 3), 128, dtype=np.uint8)
+    title = "prototype 3 | class 1 (" + "a very long class name " * 3 + ") | image 9"
+    picture = prototype_picture(image, np.zeros((16, 16)), [0, 0, 8, 8], [4, 4, 12, 12], title)
+    pixels = np.asarray(picture)
+    legend = pixels[18 + PANEL :]  # the strip under the panels
+    for colour in (RF_COLOUR, ACTIVATION_COLOUR):
+        assert (legend == colour).all(axis=-1).any(), colour
+    assert picture.size[0] >= ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)  # title not cut
 
 
 def test_callback_renders_after_each_push_into_the_run_directory(
