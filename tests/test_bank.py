@@ -527,3 +527,19 @@ def test_distinct_push_gives_each_prototype_of_a_class_its_own_patch() -> None:
     assert distinct.sample_ids.tolist() == [0, 1, 3]
     torch.testing.assert_close(distinct.distances, brute[[0, 1, 2], [0, 1, 3]])
     torch.testing.assert_close(distinct.vectors, patches[[0, 1, 3]])
+
+
+def test_ema_update_from_weighted_sums() -> None:
+    bank = PrototypeBank(3, 4, owners=[0, 0, 1], metric="cosine", learnable=False)
+    old = bank.vectors.detach().clone().numpy()
+    sums = np.array([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.5, 1.0]])
+    weights = np.array([2.0, 0.0, 0.5])  # soft assignment mass; prototype 1 got none
+    bank.ema_update_from_sums(torch.tensor(sums).float(), torch.tensor(weights).float(), 0.9, step=4)
+    expected = old.copy()
+    for p in (0, 2):
+        moved = 0.9 * old[p] + 0.1 * sums[p] / weights[p]
+        expected[p] = moved / np.linalg.norm(moved)
+    np.testing.assert_allclose(bank.vectors.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert bank.step.tolist() == [4, -1, 4]
+    with pytest.raises(ValueError, match="weights must have shape"):
+        bank.ema_update_from_sums(torch.zeros(3, 4), torch.ones(2), 0.9)

@@ -32,9 +32,15 @@ def step(net: PALMNet, z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     """One PALM prototype step; the contrastive loss's gradient on the embeddings, as DDP would average it."""
     z = z.clone().requires_grad_(True)
     weights = net.assign(z, labels)
-    prototypes = net.update_prototypes(z, weights)
+    calls = []
+    original = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    try:
+        prototypes = net.update_prototypes(z, weights)
+    finally:
+        dist.all_reduce = original
     prototype_contrastive_loss(prototypes, net.bank.owners).backward()
-    return {"weights": weights, "bank": net.bank.vectors.clone(), "grad": z.grad}
+    return {"weights": weights, "bank": net.bank.vectors.clone(), "grad": z.grad, "reduces": len(calls)}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -54,6 +60,13 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 def records(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp("palm_ddp")
     return run_ranks(worker, WORLD, out_dir)
+
+
+def test_the_ema_step_all_reduces_once(records: list[dict[str, torch.Tensor]]) -> None:
+    assert [record["reduces"] for record in records] == [
+        1,
+        1,
+    ]  # sums and mass together, not again in the bank
 
 
 def test_ranks_hold_identical_prototypes(records: list[dict[str, torch.Tensor]]) -> None:

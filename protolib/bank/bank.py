@@ -341,8 +341,6 @@ class PrototypeBank(nn.Module):
         Repeated ids are averaged first; under DDP the per-prototype sums and counts are all-reduced, so every
         rank applies the same global mean. Cosine banks are re-normalised.
         """
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
         ids = self._check_ids(ids, "ema_update ids", unique=False)
         vectors = self._check_vectors(vectors, "ema_update vectors", rows=ids.numel())
         sums = torch.zeros_like(self.vectors.detach()).index_add_(
@@ -351,8 +349,33 @@ class PrototypeBank(nn.Module):
         counts = torch.zeros(self.num_prototypes, device=vectors.device).index_add_(
             0, ids.to(vectors.device), torch.ones(ids.numel(), device=vectors.device)
         )  # (P,)
-        distributed.all_reduce_sum_(sums)
-        distributed.all_reduce_sum_(counts)
+        self.ema_update_from_sums(sums, counts, momentum, step)
+
+    @torch.no_grad()
+    def ema_update_from_sums(
+        self,
+        sums: torch.Tensor,
+        weights: torch.Tensor,
+        momentum: float,
+        step: int | None = None,
+        reduce: bool = True,
+    ) -> None:
+        """``p <- momentum * p + (1 - momentum) * sums_p / weights_p`` for every prototype with weight > 0.
+
+        ``sums`` (P, D) are weighted sums of the vectors assigned to each prototype, ``weights`` (P,) their
+        total weights (counts, or soft assignment mass). Under DDP they are summed over ranks in one
+        all-reduce (``reduce=False``: the caller already holds the global sums). Cosine banks re-normalise.
+        """
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+        sums = self._check_vectors(sums, "ema_update_from_sums sums", rows=self.num_prototypes).detach()
+        if weights.shape != (self.num_prototypes,):
+            raise ValueError(f"weights must have shape ({self.num_prototypes},), got {tuple(weights.shape)}")
+        if reduce and distributed.world_size() > 1:
+            packed = torch.cat([sums.float(), weights.detach().float()[:, None].to(sums.device)], dim=1)
+            distributed.all_reduce_sum_(packed)  # one collective for sums and weights, (P, D + 1)
+            sums, weights = packed[:, :-1], packed[:, -1]
+        counts = weights.detach().to(sums.device)
         hit = counts > 0
         rows = self._rows()
         new = rows["vectors"].clone()

@@ -136,15 +136,17 @@ class PALMNet(nn.Module):
             sums = weights.transpose(0, 1).float() @ embedding.float()  # (P, E), differentiable
         mass = weights.sum(dim=0).float()  # (P,)
         world = world_size()
-        if world > 1:
-            global_sums = all_reduce_sum_(sums.detach().clone())
-            mass = all_reduce_sum_(mass.clone())
+        global_sums = sums.detach()
+        if world > 1:  # one all-reduce for the sums and the mass, (P, E + 1)
+            packed = all_reduce_sum_(torch.cat([sums.detach(), mass[:, None]], dim=1))
+            global_sums, mass = packed[:, :-1], packed[:, -1]
             # value: the global sums; gradient: this rank's share times the world size, since DDP averages
             # the ranks' gradients (so the result matches one device holding the whole batch)
             sums = world * sums + (global_sums - world * sums).detach()
         means = sums / mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None]  # (P, E); zero where no mass
-        ids = torch.nonzero(mass > 0).squeeze(1)
         old = self.bank.vectors.detach().clone()
-        self.bank.ema_update(ids, means.detach()[ids], self.momentum)  # same ids and means on every rank
+        # the global sums are already here: the bank applies them without another collective
+        # (bitwise the same reduced values on every rank, so the banks stay identical)
+        self.bank.ema_update_from_sums(global_sums, mass, self.momentum, reduce=False)
         local = F.normalize(self.momentum * old + (1 - self.momentum) * means, dim=1)  # (P, E)
         return self.bank.vectors.detach() + (local - local.detach())
