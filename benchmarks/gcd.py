@@ -17,6 +17,7 @@ Prints tables and writes JSON atomically to benchmarks/results/gcd.json; the thr
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -180,7 +181,13 @@ def main() -> None:
     for part in args.parts:
         results[part] = parts[part]()
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_json(RESULTS / "gcd.json", results)
+    path = RESULTS / "gcd.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous.update({k: v for k, v in results.items() if k in args.parts})  # keep the other parts' numbers
+    previous.setdefault("runs", {}).update(
+        {part: {k: results[k] for k in ("threads", "torch", "faiss")} for part in args.parts}
+    )
+    atomic_write_json(path, previous)
     print(f"\nwritten: {RESULTS / 'gcd.json'}")
 
 
