@@ -182,6 +182,17 @@ def test_variant_configs_build_the_paper_models(tmp_path: Path) -> None:
     assert len(sets["trivial"]) == len(sets["support"]) == 1000 and module.net.prototype_dim == 128
     assert module.loss.weights["separation_support"] == 0.48 and module.loss.weights["closeness"] == 1.0
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
+    # cropped/main.py: StepLR(step_size=1, gamma=0.2) stepped before epochs 7, 9, 11 and 13; it stops there,
+    # the schedule keeps decaying every 2 joint epochs (from epoch 15, at lr x 0.2^4: a documented deviation)
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    reference = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
+    joint = [entry for entry in module.schedule.plan() if entry.phase == "joint"]
+    for epoch, entry in enumerate(joint[:10], start=5):
+        if epoch in (7, 9, 11, 13):
+            optimizer.step()
+            reference.step()
+        lr = module.schedule.learning_rates(entry)["prototypes"]
+        assert lr == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9), epoch
 
 
 SHORT = [
