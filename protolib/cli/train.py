@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +15,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from protolib.lit.checkpoint import AtomicCheckpointIO, build_module, build_record
+from protolib.lit.checkpoint import AtomicCheckpointIO, build_module, build_record, check_resumable
 from protolib.utils.io import atomic_write_json, atomic_write_text
 from protolib.utils.modes import evaluating
 from protolib.utils.plots import plot_confusion_matrix
@@ -21,6 +28,46 @@ from protolib.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+HYDRA_BOOKKEEPING = (".hydra", "*.log")  # what Hydra writes into a run folder before train.py runs
+
+
+def resumed_run_dir(resume: str | None, fresh: str) -> str:
+    """The run folder: the one holding ``resume`` (``<run>/checkpoints/last.ckpt`` -> ``<run>``) or ``fresh``.
+
+    conf/config.yaml sets ``hydra.run.dir`` through this, so a resumed run continues in its own folder.
+    """
+    if not resume or not Path(str(resume)).expanduser().is_file():
+        return fresh  # no (readable) checkpoint: the run fails with its message and leaves no folder
+    folder = Path(str(resume)).expanduser().resolve().parent
+    return str(folder.parent if folder.name == "checkpoints" else folder)
+
+
+def hydra_subdir(resume: str | None) -> str:
+    """Where Hydra keeps the job's configs: ``.hydra``, or ``.hydra/resume-<time>`` so a resume keeps the
+    original run's."""
+    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}" if resume else ".hydra"
+
+
+OmegaConf.register_new_resolver("protolib_run_dir", resumed_run_dir, replace=True)
+OmegaConf.register_new_resolver("protolib_hydra_subdir", hydra_subdir, replace=True)
+
+
+@contextmanager
+def no_leftovers_on_failure(output_dir: Path) -> Iterator[None]:
+    """If the body fails, remove what it added to ``output_dir``, and the folder itself when only Hydra's
+    bookkeeping is left: a run that fails before training leaves no run folder behind."""
+    before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if rank_zero_only.rank == 0 and output_dir.is_dir():
+            for path in set(output_dir.iterdir()) - before:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            left = list(output_dir.iterdir())
+            if all(any(path.match(pattern) for pattern in HYDRA_BOOKKEEPING) for path in left):
+                shutil.rmtree(output_dir)
+                log.info("the run failed before training; removed its folder %s", output_dir)
+        raise
 
 
 def validate_trainer_config(cfg: DictConfig) -> None:
@@ -63,34 +110,45 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build, fit, test; write metrics.json, config.yaml and pictures into ``cfg.output_dir``."""
-    validate_trainer_config(cfg)
-    configure_threads(cfg.get("threads"))
+    """Seed, build, fit, test; write metrics.json, config.yaml and pictures into ``cfg.output_dir``.
+
+    With ``resume=<checkpoint>`` training continues from it (the run folder is the checkpoint's, see
+    :func:`resumed_run_dir`); a failure before training removes the run folder.
+    """
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
+    with no_leftovers_on_failure(output_dir):
+        validate_trainer_config(cfg)
+        configure_threads(cfg.get("threads"))
+        if cfg.get("resume"):
+            check_resumable(cfg.resume, cfg.model, cfg.get("task_name"))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    build_args = {
-        "num_classes": datamodule.num_classes,
-        "in_channels": datamodule.in_channels,
-        "image_size": datamodule.image_size,
-    }
-    module = build_module(cfg.model, build_args)
-    module.build_config = build_record(cfg.model, cfg.data, build_args)
-    check_model_accepts_data(module, datamodule)
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        build_args = {
+            "num_classes": datamodule.num_classes,
+            "in_channels": datamodule.in_channels,
+            "image_size": datamodule.image_size,
+        }
+        module = build_module(cfg.model, build_args)
+        module.build_config = build_record(cfg.model, cfg.data, build_args, cfg.get("task_name"))
+        check_model_accepts_data(module, datamodule)
 
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the files
-        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, plugins=[AtomicCheckpointIO()]
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, plugins=[AtomicCheckpointIO()]
+        )
+        if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the files
+            atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+    except SIGTERMException as stop:  # Lightning's is a SystemExit with status 0; a killed run is no success
+        raise SystemExit(128 + signal.SIGTERM) from stop
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best_tracker = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = best_tracker.best_model_path if best_tracker is not None else ""
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics = {key: float(value) for key, value in results[0].items()}
     confusion = module.test_confusion.compute().cpu().numpy()  # a collective under DDP: every rank calls it

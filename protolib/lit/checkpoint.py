@@ -32,14 +32,26 @@ def build_module(model_config: Mapping[str, Any], build_args: dict[str, Any]) ->
     return instantiate_accepting(recipe, net=net)
 
 
-def build_record(model_config: Any, data_config: Any, build_args: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild its module: the resolved model and data configs, build args."""
+def build_record(
+    model_config: Any, data_config: Any, build_args: dict[str, Any], task_name: str | None = None
+) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild its module: the resolved model and data configs, build args, and
+    the experiment (``task_name``) it belongs to, for messages."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": _plain(model_config),
         "data": _plain(data_config),
         "build": dict(build_args),
+        "task_name": task_name,
     }
+
+
+def describe(record: Mapping[str, Any]) -> str:
+    """A checkpoint record in words: its recipe, network and experiment."""
+    model = record.get("model") or {}
+    recipe = str(model.get("_target_", "?")).rsplit(".", 1)[-1]
+    net = str((model.get("net") or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+    return f"a {recipe} with a {net} network from experiment {record.get('task_name') or '(not recorded)'}"
 
 
 def _plain(config: Any) -> Any:
@@ -49,18 +61,25 @@ def _plain(config: Any) -> Any:
     return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
-    """Load a module saved by ``train.py``; its config in the checkpoint says which classes to build.
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The contents of a checkpoint written by ``train.py``, or an error in protolib's words naming the file.
 
-    ``module.build_config["data"]`` is the data config it was trained with.
+    The one reader behind ``load_module`` (explain, evaluate_ood) and ``resume=``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; train.py writes them to <run dir>/checkpoints/"
         )
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    config = checkpoint.get("protolib")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # unpickling, zip-reader and end-of-file errors all mean: not readable
+        raise ValueError(
+            f"{path} is not a readable protolib checkpoint ({type(error).__name__}: {error}); it is "
+            "truncated (an interrupted copy or write) or not a checkpoint at all. Pass a .ckpt written by "
+            "train.py: <run dir>/checkpoints/last.ckpt or best-*.ckpt"
+        ) from error
+    config = checkpoint.get("protolib") if isinstance(checkpoint, dict) else None
     if config is None:
         raise ValueError(
             f"checkpoint {path} has no 'protolib' entry: it was not written by protolib's train.py; "
@@ -72,6 +91,36 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L
             f"{config.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}: networks now come from the "
             "model config's net node); retrain it with this version"
         )
+    return checkpoint
+
+
+def check_resumable(path: str | Path, model_config: Any, task_name: str | None = None) -> dict[str, Any]:
+    """The checkpoint at ``path`` if this run's model config builds the same recipe and network, else an error
+    saying which family the checkpoint holds and which experiment it belongs to."""
+    record = read_checkpoint(path)["protolib"]
+    model = _plain(model_config)
+    stored = record.get("model") or {}
+    ours = (model.get("_target_"), (model.get("net") or {}).get("_target_"))
+    theirs = (stored.get("_target_"), (stored.get("net") or {}).get("_target_"))
+    if ours != theirs:
+        experiment = record.get("task_name")
+        hint = (
+            f"resume it with experiment={experiment}" if experiment else "resume it with its own experiment"
+        )
+        raise ValueError(
+            f"resume={path} holds {describe(record)}, but this run ({task_name or 'this experiment'}) builds "
+            f"a {str(ours[0]).rsplit('.', 1)[-1]} with a {str(ours[1]).rsplit('.', 1)[-1]} network; {hint}"
+        )
+    return record
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> L.LightningModule:
+    """Load a module saved by ``train.py``; its config in the checkpoint says which classes to build.
+
+    ``module.build_config["data"]`` is the data config it was trained with.
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    config = checkpoint["protolib"]
     module = build_module(config["model"], config["build"])
     module.load_state_dict(checkpoint["state_dict"])
     module.build_config = config

@@ -132,13 +132,20 @@ class ClassifierModule(L.LightningModule):
             checkpoint["protolib"] = self.build_config
 
 
+DIVERGENCE_HINT = (
+    "lower the learning rate, check the input normalisation, or enable gradient clipping "
+    "(trainer.gradient_clip_val)"
+)
+
+
+def divergence_error(what: str, step: int) -> FloatingPointError:
+    """The one error every family stops with when training diverges: what went wrong, where, and the fix."""
+    return FloatingPointError(f"{what} at step {step}; training has diverged: {DIVERGENCE_HINT}")
+
+
 def check_finite_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
     """Stop with the names of the non-finite loss terms instead of training on NaN."""
     if torch.isfinite(loss):
         return
     bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-    raise FloatingPointError(
-        f"loss is {loss.item()} at step {step} (non-finite terms: {bad or 'none; the total'}); "
-        "lower the learning rate, check the input normalisation, or enable gradient clipping "
-        "(trainer.gradient_clip_val)"
-    )
+    raise divergence_error(f"loss is {loss.item()} (non-finite terms: {bad or 'none; the total'})", step)

@@ -69,6 +69,7 @@ class ProtoPNetModule(ClassifierModule):
                 f"its groups are {sorted(groups)}"
             )
         self.phase: str | None = None  # set by ProtoPNetTraining at every epoch start
+        self.last_push: PushReport | None = None  # the latest push; DivergenceCheck judges it
 
     def compute_loss(
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
@@ -137,6 +138,7 @@ class ProtoPNetModule(ClassifierModule):
     def push_prototypes(self, loader: DataLoader) -> PushReport:
         """Push every prototype onto its nearest training patch of its class and log how it went."""
         report = self.net.push(loader, step=self.global_step, percentile=self.schedule.push_percentile)
+        self.last_push = report
         duplicates = int(report.duplicates.sum())
         mean_distance = report.distances.nanmean().item()  # NaN: not pushed (ProtoPool)
         self.log_dict(
