@@ -208,3 +208,38 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="image_size"):
         run(compose_config(mine, "experiment=baseline_digits", "data.image_size=2", *TINY))
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def write_truncated_jpeg(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # an interrupted copy
+
+
+def test_verify_reports_every_bad_image_of_an_image_folder_before_training(tmp_path: Path) -> None:
+    from test_data_imagefolder import make, write_tree
+
+    write_tree(tmp_path / "train", per_class=4)
+    write_tree(tmp_path / "test", per_class=2)
+    write_truncated_jpeg(tmp_path / "train" / "sky" / "2.jpg")
+    write_truncated_jpeg(tmp_path / "test" / "apple" / "5.jpg")
+    with pytest.raises(ValueError, match=r"2 of 20 image files cannot be decoded") as error:
+        make(tmp_path, verify=True)
+    assert "sky/2.jpg" in str(error.value) and "apple/5.jpg" in str(error.value)
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        make(tmp_path)  # verify="auto": 20 files are verified
+    dm = make(tmp_path, verify=False)  # not verified: found only when its batch loads
+    assert len(dm.train_dataset) > 0
+
+
+def test_verify_reports_bad_cub_images(tmp_path: Path) -> None:
+    from test_data_cub import CLASSES, make, write_cub
+
+    folder = write_cub(tmp_path)
+    write_truncated_jpeg(folder / "images" / CLASSES[2] / "bird_8.jpg")
+    with pytest.raises(ValueError, match=r"(?s)1 of 9 image files cannot be decoded.*bird_8\.jpg"):
+        make(folder, verify=True)
+    make(folder, verify=False)

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from protolib.data.base import SplitSources, VisionDataModule
-from protolib.data.sources import ImageSource, open_image, pil_to_tensor, require_file, visible_part_locs
+from protolib.data.sources import (
+    ImageSource,
+    open_image,
+    pil_to_tensor,
+    require_file,
+    verify_images,
+    visible_part_locs,
+)
 
 HINT = (
     "Download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158, extract it and set "
@@ -103,6 +110,8 @@ class CUBDataModule(VisionDataModule):
         crop: crop each image to its bounding box (bounding_boxes.txt) before resizing.
         part_locs: return "part_locs" (P, 3) with each item (reads parts/parts.txt, parts/part_locs.txt).
         image_size: side of the returned square images.
+        verify: decode every image once in ``setup`` and report all bad files together: True, False, or
+            "auto" (when there are at most ``sources.VERIFY_AUTO_LIMIT`` files; all of CUB is 11,788).
         **kwargs: common options of `VisionDataModule` (batch_size, val_fraction, classes, ...).
 
     Class names drop the numeric prefix ("001.Black_footed_Albatross" -> "Black_footed_Albatross").
@@ -119,10 +128,12 @@ class CUBDataModule(VisionDataModule):
         part_locs: bool = True,
         image_size: int = 224,
         in_channels: int = 3,
+        verify: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, in_channels=in_channels, **kwargs)
         self.root = Path(root)
+        self.verify = verify
         self.crop = crop
         self.with_part_locs = part_locs
         self.part_names: list[str] = []
@@ -159,6 +170,7 @@ class CUBDataModule(VisionDataModule):
                 None if locs is None else locs[rows],
             )
 
+        verify_images(paths, 3, self.verify)
         return SplitSources(source(is_train), None, source(~is_train), names)
 
     def _read_part_locs(self, path: Path, ids: list[int]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from protolib.data.base import SplitSources, VisionDataModule
-from protolib.data.sources import ImageFileSource, require_file
+from protolib.data.sources import ImageFileSource, require_file, verify_images
 from protolib.data.splits import stratified_split
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
@@ -44,6 +44,8 @@ class ImageFolderDataModule(VisionDataModule):
         image_size: side of the returned square images (each image is resized, aspect ratio not kept).
         in_channels: 3 (RGB) or 1 (grayscale); images are converted on decoding.
         test_fraction: fraction of each class held out for testing when there is no ``test/`` folder.
+        verify: decode every image once in ``setup`` and report all bad files together: True, False, or
+            "auto" (when there are at most ``sources.VERIFY_AUTO_LIMIT`` files).
         **kwargs: common options of `VisionDataModule` (batch_size, val_fraction, classes, ...).
     """
 
@@ -56,6 +58,7 @@ class ImageFolderDataModule(VisionDataModule):
         image_size: int = 224,
         in_channels: int = 3,
         test_fraction: float = 0.2,
+        verify: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, in_channels=in_channels, **kwargs)
@@ -63,6 +66,7 @@ class ImageFolderDataModule(VisionDataModule):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.root = Path(root)
         self.test_fraction = test_fraction
+        self.verify = verify
 
     def _source(self, classes: dict[str, list[Path]], names: list[str], folder: Path) -> ImageFileSource:
         unknown = sorted(set(classes) - set(names))
@@ -96,4 +100,6 @@ class ImageFolderDataModule(VisionDataModule):
                 ImageFileSource([train.paths[i] for i in idx], train.targets[idx], *channels_size)
                 for idx in (train_idx, test_idx)
             )
+        paths = [path for source in (train, val, test) if source is not None for path in source.paths]
+        verify_images(paths, self.in_channels, self.verify)
         return SplitSources(train, val, test, names)

@@ -7,7 +7,9 @@ selection, augmentation and normalisation on top, so every format only has to im
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
+VERIFY_AUTO_LIMIT = 5000  # verify="auto" decodes the files when there are at most this many (seconds of work)
+log = logging.getLogger(__name__)
 
 
 class ImageSource(Dataset, ABC):
@@ -163,3 +167,26 @@ class ImageFileSource(ImageSource):
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return {"image": pil_to_tensor(open_image(self.paths[i], self.channels), self.image_size)}
+
+
+def verify_images(paths: Sequence[Path], channels: int, verify: bool | str = "auto") -> None:
+    """Decode every file once and raise one ValueError listing all that fail, so corrupt images surface before
+    training rather than one per crash mid-epoch. ``verify``: True, False, or "auto" (only when there are at
+    most ``VERIFY_AUTO_LIMIT`` files)."""
+    if verify not in (True, False, "auto"):
+        raise ValueError(f"verify must be true, false or auto, got {verify!r}")
+    if verify is False or (verify == "auto" and len(paths) > VERIFY_AUTO_LIMIT):
+        return
+    start, bad = time.perf_counter(), []
+    for path in paths:
+        try:
+            open_image(path, channels)
+        except (FileNotFoundError, ValueError) as error:
+            bad.append(f"{path} ({error.__cause__ or error})")
+    log.info("verified %d image files in %.1f s", len(paths), time.perf_counter() - start)
+    if bad:
+        shown = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+        raise ValueError(
+            f"{len(bad)} of {len(paths)} image files cannot be decoded (data.verify):\n  {shown}\n"
+            "replace or remove them (or set data.verify=false to find them one batch at a time)"
+        )

@@ -90,7 +90,7 @@ class DivergenceCheck(L.Callback):
         self._checked_push = report
         bank = getattr(pl_module, "prototype_bank", None)
         dim = int(getattr(bank, "dim", 1) or 1)
-        mean = float(report.distances.float().mean())
+        mean = float(report.distances.float().nanmean())  # NaN entries: prototypes not pushed (ProtoPool)
         if not math.isfinite(mean) or mean / dim > self.push_factor:
             raise divergence_error(
                 f"push: mean prototype-to-patch distance is {mean:.4g} ({mean / dim:.4g} per dimension of "
