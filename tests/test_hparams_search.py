@@ -20,6 +20,8 @@ SEARCHES = {  # search -> the experiment it is written for
     "protopnet": "protopnet_digits",
     "tesnet": "tesnet_digits",
     "st_protopnet": "st_protopnet_digits",
+    "deformable_protopnet": "deformable_protopnet_digits",
+    "cbc": "cbc_digits",
     "prototree": "prototree_digits",
     "palm": "palm_digits",
     "moe_vit": "promoe_vit_digits",
