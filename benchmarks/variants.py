@@ -36,9 +36,26 @@ from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Variants measured, each with experiments <name>_digits and <name>_parts; ProtoPNet is the reference row.
-VARIANTS = ["protopnet", "tesnet", "st_protopnet", "deformable_protopnet", "cbc", "prototree"]
+VARIANTS = [
+    "protopnet",
+    "tesnet",
+    "st_protopnet",
+    "deformable_protopnet",
+    "cbc",
+    "prototree",
+    "protopool",
+    "pipnet",
+]
 # --quick overrides of variants whose schedule is not ProtoPNet's (the others use QUICK_SCHEDULE).
-QUICK = {"prototree": ["model.schedule.epochs=1", "model.schedule.freeze_epochs=0", *QUICK_SCHEDULE[-3:]]}
+QUICK = {
+    "prototree": ["model.schedule.epochs=1", "model.schedule.freeze_epochs=0", *QUICK_SCHEDULE[-3:]],
+    "pipnet": [
+        "model.schedule.pretrain_epochs=1",
+        "model.schedule.epochs=2",
+        "model.schedule.finetune_epochs=1",
+        *QUICK_SCHEDULE[-3:],
+    ],
+}
 DATASETS = ("digits", "parts")
 STEP = {"in_chans": 3, "size": 32, "batch": 64}
 
@@ -68,7 +85,7 @@ def train_once(variant: str, dataset: str, seed: int, overrides: list[str]) -> d
             "seed": seed,
             "test_acc": metrics["test/acc"],
             "seconds": seconds,
-            "prototypes": module.net.prototype_bank.num_prototypes,
+            "prototypes": prototypes_in_use(module.net),
         }
         # ProtoTree: its deterministic routings beside the soft one
         row.update({k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/acc_")})
@@ -78,6 +95,13 @@ def train_once(variant: str, dataset: str, seed: int, overrides: list[str]) -> d
             )
             row.update(part_score=score.mean, part_image_mean=score.image_mean)
     return row
+
+
+def prototypes_in_use(net: Any) -> int:
+    """Prototypes that reach a logit: the network's own count where it has one (PIP-Net: non-zero head
+    columns, as its paper reports; ProtoPool: pool prototypes some slot chose), else the bank's size."""
+    count = getattr(net, "prototypes_in_use", None)
+    return int(count()) if count is not None else net.prototype_bank.num_prototypes
 
 
 def step_seconds(variant: str, steps: int) -> float:
