@@ -133,6 +133,7 @@ def tiny_module(k: int = 10) -> SimGCDModule:
 def test_simgcd_trains_and_logs_gcd_metrics(tmp_path) -> None:
     dm = GCDDataModule(digits_base(), known_classes=[0, 1, 2, 3, 4], seed=0)
     module = tiny_module()
+    module.estimate_k_max = 12
     assert module.prototype_bank.num_prototypes == 10 and module.prototype_bank.metric == "cosine"
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=3, limit_val_batches=1, limit_test_batches=2, logger=False,
@@ -145,6 +146,7 @@ def test_simgcd_trains_and_logs_gcd_metrics(tmp_path) -> None:
     metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
     for key in ("test/all_acc", "test/old_acc", "test/new_acc", "test/k", "test/inductive_all_acc"):
         assert key in metrics and 0.0 <= metrics[key] <= 10.0
+    assert 5 <= metrics["test/estimated_k"] <= 12
     assert (tmp_path / "clusters.png").stat().st_size > 0  # the gallery of discovered clusters
 
 

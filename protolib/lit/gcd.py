@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protolib.gcd.clustering import estimate_num_clusters
 from protolib.gcd.metrics import hungarian_match, split_cluster_accuracy
 from protolib.lit.classifier import ClassifierModule, OptimizerFactory, SchedulerFactory, check_finite_loss
 from protolib.losses.gcd import (
@@ -70,7 +71,9 @@ class SimGCDModule(ClassifierModule):
     ``logits`` = cosine / 0.1); the K prototypes live in the network's bank, owner = cluster id.
 
     The labelled classes are clusters ``0..k-1`` (the datamodule relabels them first); their number is read
-    from the datamodule (``num_known_classes``) when training starts.
+    from the datamodule (``num_known_classes``) when training starts. With ``estimate_k_max`` the test also
+    runs Vaze et al.'s K estimate on the backbone features of all training images, over
+    [known classes, estimate_k_max], logged as ``test/estimated_k``.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class SimGCDModule(ClassifierModule):
         warmup_teacher_temp_epochs: int = 30,
         supcon_temperature: float = 0.07,
         simclr_temperature: float = 1.0,
+        estimate_k_max: int | None = None,
     ) -> None:
         super().__init__(net, optimizer=optimizer, scheduler=scheduler)
         if not 0.0 <= sup_weight <= 1.0:
@@ -96,6 +100,7 @@ class SimGCDModule(ClassifierModule):
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.supcon_temperature = supcon_temperature
         self.simclr_temperature = simclr_temperature
+        self.estimate_k_max = estimate_k_max
         self.num_known: int | None = None
         self.evaluations = {"val": GCDEvaluation(), "trans": GCDEvaluation(), "ind": GCDEvaluation()}
 
@@ -194,4 +199,18 @@ class SimGCDModule(ClassifierModule):
         if self.evaluations["ind"].preds:
             ind, _, _ = self.evaluations["ind"].compute(known, "test/inductive_")
             metrics.update(ind)
+        if self.estimate_k_max is not None:
+            metrics["test/estimated_k"] = float(self.estimate_k())
         self.log_dict(metrics)
+
+    @torch.no_grad()
+    def estimate_k(self) -> int:
+        """Vaze et al.'s K estimate (Brent search of labelled cluster accuracy) on the training features."""
+        datamodule = self.trainer.datamodule
+        feats, labels = [], []
+        for batch in datamodule.features_dataloader():
+            feats.append(self.net.extract(batch["image"].to(self.device))["features"].float().cpu())
+            labels.append(batch["label"])
+        y = torch.cat(labels).numpy()
+        y = np.where(datamodule.labelled_mask, y, -1)  # only the labelled images' classes are known
+        return estimate_num_clusters(torch.cat(feats), y, k_min=self.num_known, k_max=self.estimate_k_max).k
