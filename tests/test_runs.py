@@ -243,3 +243,20 @@ def test_verify_reports_bad_cub_images(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"(?s)1 of 9 image files cannot be decoded.*bird_8\.jpg"):
         make(folder, verify=True)
     make(folder, verify=False)
+
+
+@pytest.mark.slow
+def test_train_py_failing_before_training_leaves_no_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "outputs" / "run"
+    command = [
+        sys.executable,
+        "train.py",
+        "experiment=baseline_digits",
+        "data=imagefolder",
+        f"data.root={tmp_path / 'no_such_folder'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "no_such_folder" in done.stderr
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.rglob("*"))
