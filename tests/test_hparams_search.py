@@ -25,6 +25,9 @@ SEARCHES = {  # search -> the experiment it is written for
     "prototree": "prototree_digits",
     "palm": "palm_digits",
     "moe_vit": "promoe_vit_digits",
+    "pipnet": "pipnet_digits",
+    "protopool": "protopool_digits",
+    "simgcd": "simgcd_digits",
 }
 ROOT = Path(CONFIG_DIR).parent
 
