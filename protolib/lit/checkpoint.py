@@ -75,7 +75,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # unpickling, zip-reader and end-of-file errors all mean: not readable
         raise ValueError(
-            f"{path} is not a readable protolib checkpoint ({type(error).__name__}: {error}); it is "
+            f"{path} is not a readable protolib checkpoint ({type(error).__name__}: {error}): either "
             "truncated (an interrupted copy or write) or not a checkpoint at all. Pass a .ckpt written by "
             "train.py: <run dir>/checkpoints/last.ckpt or best-*.ckpt"
         ) from error
