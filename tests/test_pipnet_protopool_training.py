@@ -60,6 +60,7 @@ def test_experiments_build_the_documented_models(tmp_path: Path) -> None:
     for name, channels in [("pipnet_digits", 1), ("pipnet_parts", 3)]:
         cfg = compose_config(tmp_path, f"experiment={name}")
         assert cfg.data.num_views == 2 and cfg.data.train_transforms
+        assert cfg.callbacks.checkpoint.monitor == "val/pushed_acc"  # NaN until the final visualisation
         module = build_module(cfg.model, {"num_classes": 10, "in_channels": channels, "image_size": 16})
         assert isinstance(module, PIPNetModule) and module.net.bank.num_prototypes == 64
         assert module.schedule.total_epochs == cfg.trainer.max_epochs
@@ -118,7 +119,7 @@ def test_pipnet_train_py_phases_resume_and_explanations(tmp_path: Path) -> None:
     explain_cli(["local", "--checkpoint", str(last), "--index", "0", "--out", str(tmp_path / "local.png")])
     assert (tmp_path / "local.png").stat().st_size > 0
     # resume after the head-only epoch: the joint phase continues, the visualisation comes at the end
-    (after_finetune,) = (tmp_path / "run" / "checkpoints").glob("best-epoch01.ckpt")
+    (after_finetune,) = (tmp_path / "run" / "checkpoints").glob("best-epoch01*.ckpt")
     spy = Spy()
     cfg = compose_config(
         tmp_path / "resumed", "experiment=pipnet_digits", *PIP_SHORT, f"resume={after_finetune}"

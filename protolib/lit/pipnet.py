@@ -7,6 +7,7 @@ Everything that changes over training (which groups learn, at which rate, which 
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from typing import Any
 
@@ -111,6 +112,10 @@ class PIPNetModule(ClassifierModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/prototypes_in_use", float(self.net.prototypes_in_use()), sync_dist=True)
+        # Accuracy of the final model, whose prototypes have been visualised (they have sources, unused ones
+        # have lost their weights); NaN before, so a checkpoint monitoring it keeps an explainable model.
+        final = int(self.net.revision) > 0 and not self.trainer.sanity_checking
+        self.log("val/pushed_acc", self.val_acc.compute() if final else math.nan, sync_dist=True)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [PIPNetTraining(self.schedule)]
