@@ -51,7 +51,15 @@ STEPS: dict[str, tuple[str, list[str]]] = {
         "protopnet_digits",
         ["model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
     ),
+    "digits32_pcluster_replicate_distinct": (
+        "protopnet_digits",
+        ["data.image_size=32", "model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
+    ),
     "parts": ("protopnet_parts", []),
+    "parts_pcluster_replicate_distinct": (
+        "protopnet_parts",
+        ["model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
+    ),
 }
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 

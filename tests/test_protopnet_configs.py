@@ -9,11 +9,12 @@ import pytest
 import torch
 from config_helpers import compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from explain.__main__ import main as explain_cli
-from protolib.cli.train import run
+from protolib.cli.train import CONFIG_DIR, run
 from protolib.lit.checkpoint import build_module, load_module
 from protolib.lit.protopnet import ProtoPNetModule
 
@@ -36,7 +37,14 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     assert isinstance(module, ProtoPNetModule)
     assert module.net.bank.num_prototypes == 100 and module.net.prototype_dim == 128
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
-    assert module.loss.weights == {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
+    paper = {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
+    assert module.loss.weights == {**paper, "prototype_cluster": 0.8}  # the paper's terms + one switch
+    assert module.net.distinct_push and cfg.data.image_size == 32
+    padding = {m.padding_mode for m in module.net.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert padding == {"replicate"}
+    model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "protopnet.yaml")  # the paper's switches stay off
+    assert model.loss.prototype_cluster == 0.0 and model.net.distinct_push is False
+    assert model.net.backbone_options is None
 
 
 def test_cub_experiment_has_the_paper_recipe_and_augmentation(tmp_path: Path) -> None:
