@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [
             train_and_score(data, model, seed, overrides)
             for data in args.data
+            for seed in range(seeds)  # seed-major: a run cut short still compares every model
             for model in MODELS
-            for seed in range(seeds)
         ]
         summary = summarise(runs)
         report["accuracy"] = {"overrides": overrides, "runs": runs, "summary": summary}
