@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (speed part)")
     parser.add_argument("--data", nargs="+", default=["digits", "parts"], help="accuracy part: datasets")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy part: seeds per model")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="accuracy part"
+    )
     parser.add_argument("--as-shipped", action="store_true", help="accuracy part: experiment configs as is")
     parser.add_argument("--override", nargs="*", default=[], help="accuracy part: extra Hydra overrides")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/moe*.json)")
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_and_score(data, model, seed, overrides)
             for data in args.data
             for seed in range(seeds)  # seed-major: a run cut short still compares every model
-            for model in MODELS
+            for model in args.models
         ]
         summary = summarise(runs)
         report["accuracy"] = {"overrides": overrides, "runs": runs, "summary": summary}
