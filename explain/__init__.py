@@ -6,6 +6,7 @@
 from explain.attribution import integrated_gradients
 from explain.local import explain_image
 from explain.prototypes import gallery_pages, prototype_picture, render_checkpoint, render_prototypes
+from explain.routing import render_routing, routing_purity
 from explain.scores import prototype_part_score
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "prototype_picture",
     "render_checkpoint",
     "render_prototypes",
+    "render_routing",
+    "routing_purity",
 ]
