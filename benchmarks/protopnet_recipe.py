@@ -29,37 +29,35 @@ from protolib.cli.train import CONFIG_DIR, run
 from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> (experiment, overrides): the configurations compared in benchmarks/README.md.
-REPLICATE = "model.net.backbone_options={padding_mode:replicate}"
+
+
+def switches(
+    experiment: str, cluster: bool, replicate: bool, distinct: bool, *extra: str
+) -> tuple[str, list[str]]:
+    """``experiment`` with the three recipe switches of conf/model/protopnet.yaml set explicitly."""
+    padding = "{padding_mode:replicate}" if replicate else "null"
+    return experiment, [
+        f"model.loss.prototype_cluster={0.8 if cluster else 0.0}",
+        f"model.net.backbone_options={padding}",
+        f"model.net.distinct_push={str(distinct).lower()}",
+        *extra,
+    ]
+
+
+# name -> (experiment, overrides): the steps compared in benchmarks/README.md ("Where prototypes look").
 STEPS: dict[str, tuple[str, list[str]]] = {
-    "digits": ("protopnet_digits", []),
-    "digits_pcluster": ("protopnet_digits", ["model.loss.prototype_cluster=0.8"]),
-    "digits_replicate": ("protopnet_digits", [REPLICATE]),
-    "digits_pcluster_replicate": ("protopnet_digits", ["model.loss.prototype_cluster=0.8", REPLICATE]),
-    "digits32_pcluster_replicate": (
-        "protopnet_digits",
-        ["data.image_size=32", "model.loss.prototype_cluster=0.8", REPLICATE],
+    "digits_paper": switches("protopnet_digits", False, False, False),
+    "digits_replicate": switches("protopnet_digits", False, True, False),
+    "digits_pcluster": switches("protopnet_digits", True, False, False),
+    "digits_pcluster_replicate": switches("protopnet_digits", True, True, False),
+    "digits_default": switches("protopnet_digits", True, True, True),
+    "digits_shallow": switches(
+        "protopnet_digits", True, True, False, "+model.net.backbone_options.blocks_per_stage=1"
     ),
-    "digits_pcluster_replicate_shallow": (
-        "protopnet_digits",
-        [
-            "model.loss.prototype_cluster=0.8",
-            "model.net.backbone_options={padding_mode:replicate,blocks_per_stage:1}",
-        ],
-    ),
-    "digits_pcluster_replicate_distinct": (
-        "protopnet_digits",
-        ["model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
-    ),
-    "digits32_pcluster_replicate_distinct": (
-        "protopnet_digits",
-        ["data.image_size=32", "model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
-    ),
-    "parts": ("protopnet_parts", []),
-    "parts_pcluster_replicate_distinct": (
-        "protopnet_parts",
-        ["model.loss.prototype_cluster=0.8", REPLICATE, "model.net.distinct_push=true"],
-    ),
+    "digits32_pcluster_replicate": switches("protopnet_digits", True, True, False, "data.image_size=32"),
+    "digits32_default": switches("protopnet_digits", True, True, True, "data.image_size=32"),
+    "parts_paper": switches("protopnet_parts", False, False, False),
+    "parts_switches": switches("protopnet_parts", True, True, True),
 }
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 

@@ -39,7 +39,7 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
     paper = {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
     assert module.loss.weights == {**paper, "prototype_cluster": 0.8}  # the paper's terms + one switch
-    assert module.net.distinct_push and cfg.data.image_size == 32
+    assert module.net.distinct_push and cfg.data.image_size == 16
     padding = {m.padding_mode for m in module.net.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
     assert padding == {"replicate"}
     model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "protopnet.yaml")  # the paper's switches stay off
