@@ -149,3 +149,21 @@ def check_finite_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: 
         return
     bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
     raise divergence_error(f"loss is {loss.item()} (non-finite terms: {bad or 'none; the total'})", step)
+
+
+def train_only_groups(
+    groups: dict[str, list[nn.Parameter]], learning_rates: dict[str, float], optimizer: torch.optim.Optimizer
+) -> None:
+    """Train exactly the parameter ``groups`` named in ``learning_rates``, at those rates; freeze the others.
+
+    The optimiser's param groups carry the same names (recipes with phase schedules build them so).
+    """
+    for name, params in groups.items():
+        for param in params:
+            param.requires_grad_(name in learning_rates)
+    for group in optimizer.param_groups:
+        if group.get("name") not in groups:
+            raise ValueError(
+                f"optimizer group {group.get('name')!r} is not a part of the network {sorted(groups)}"
+            )
+        group["lr"] = learning_rates.get(group["name"], 0.0)

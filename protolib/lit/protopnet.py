@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from protolib.lit.callbacks.protopnet import ProtoPNetSchedule, ProtoPNetTraining
-from protolib.lit.classifier import ClassifierModule, OptimizerFactory
+from protolib.lit.classifier import ClassifierModule, OptimizerFactory, train_only_groups
 from protolib.losses.protopnet import ProtoPNetLoss
 from protolib.models.protopnet import PushReport
 
@@ -102,16 +102,7 @@ class ProtoPNetModule(ClassifierModule):
         self, phase: str, learning_rates: dict[str, float], optimizer: torch.optim.Optimizer
     ) -> None:
         """Train exactly the groups in ``learning_rates`` (at those rates); freeze the others."""
-        groups = self.net.parameter_groups()
-        for name, params in groups.items():
-            for param in params:
-                param.requires_grad_(name in learning_rates)
-        for group in optimizer.param_groups:
-            if group.get("name") not in groups:
-                raise ValueError(
-                    f"optimizer group {group.get('name')!r} is not a part of the network {sorted(groups)}"
-                )
-            group["lr"] = learning_rates.get(group["name"], 0.0)
+        train_only_groups(self.net.parameter_groups(), learning_rates, optimizer)
         self.phase = phase
         self.train(self.training)
 

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from protolib.lit.callbacks.prototree import ProtoTreeSchedule, ProtoTreeTraining
-from protolib.lit.classifier import ClassifierModule, OptimizerFactory
+from protolib.lit.classifier import ClassifierModule, OptimizerFactory, train_only_groups
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,7 @@ class ProtoTreeModule(ClassifierModule):
         self, phase: str, learning_rates: dict[str, float], optimizer: torch.optim.Optimizer
     ) -> None:
         """Train exactly the groups in ``learning_rates`` (at those rates); freeze the others."""
-        groups = self.net.parameter_groups()
-        for name, params in groups.items():
-            for param in params:
-                param.requires_grad_(name in learning_rates)
-        for group in optimizer.param_groups:
-            if group.get("name") not in groups:
-                raise ValueError(f"optimizer group {group.get('name')!r} is not a part of {sorted(groups)}")
-            group["lr"] = learning_rates.get(group["name"], 0.0)
+        train_only_groups(self.net.parameter_groups(), learning_rates, optimizer)
         self.phase = phase
         self.train(self.training)
 
