@@ -1,9 +1,11 @@
-"""A tiny ProtoPNet on three digit classes, shared by the ProtoPNet and explanation tests."""
+"""Shared helpers of the prototype-network tests: a tiny ProtoPNet on three digit classes, a quiet trainer."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from protolib.data.digits import DigitsDataModule
@@ -35,3 +37,21 @@ def make_module(**schedule: Any) -> ProtoPNetModule:
         prototype_dim=8,
     )
     return ProtoPNetModule(net, schedule=ProtoPNetSchedule(**{**TINY, **schedule}))
+
+
+def make_trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """A quiet CPU trainer of 2 train / 1 val batches per epoch, no logger, no checkpoints."""
+    options = {
+        "accelerator": "cpu",
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
+        "max_epochs": 1,
+        **kwargs,
+    }
+    return L.Trainer(callbacks=callbacks, **options)

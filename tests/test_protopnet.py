@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from protopnet_helpers import PER_CLASS, make_module, tiny_digits
+from protopnet_helpers import PER_CLASS, make_module, make_trainer, tiny_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,23 +26,6 @@ from protolib.models.protopnet import ProtoPNet, fetch_images
 @pytest.fixture(scope="module")
 def datamodule() -> DigitsDataModule:
     return tiny_digits()
-
-
-def make_trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "limit_train_batches": 2,
-        "limit_val_batches": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "enable_checkpointing": False,
-        "default_root_dir": tmp_path,
-        "max_epochs": 1,
-        **kwargs,
-    }
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from config_helpers import compose_config
 from lightning.pytorch.callbacks import ModelCheckpoint
+from protopnet_helpers import make_trainer
 
 from protolib.cli.train import run
 from protolib.data.digits import DigitsDataModule
@@ -55,23 +56,6 @@ def make_net(push_constraint: str = "subtree") -> ProtoTree:
 
 def make_module(**schedule: Any) -> ProtoTreeModule:
     return ProtoTreeModule(make_net(), schedule=ProtoTreeSchedule(**{**TINY, **schedule}))
-
-
-def make_trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "limit_train_batches": 2,
-        "limit_val_batches": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "enable_checkpointing": False,
-        "default_root_dir": tmp_path,
-        "max_epochs": 1,
-        **kwargs,
-    }
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 def all_embeddings(net: ProtoTree, loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
