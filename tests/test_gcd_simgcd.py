@@ -170,3 +170,42 @@ def test_experiments_compose(tmp_path, name: str) -> None:
         assert module.prototype_bank.num_prototypes == 10
     else:
         assert cfg.model.net.trainable_blocks == 1 and cfg.model.net.pretrained
+
+
+GCD_SHORT = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
+    "model.estimate_k_max=null",
+    "model.net.head_hidden_dim=32",
+    "model.net.head_bottleneck_dim=16",
+    "callbacks.cluster_gallery=null",
+)
+
+
+def test_train_py_accepts_a_k_other_than_the_class_count(tmp_path) -> None:
+    """Unknown K: 14 clusters for 10 true classes trains through train.py; metrics.json has All/Old/New, K."""
+    import json
+
+    from protolib.cli.train import run
+    from protolib.lit.checkpoint import load_module
+    from tests.config_helpers import compose_config
+
+    cfg = compose_config(tmp_path, "experiment=simgcd_digits", "model.net.num_classes=14", *GCD_SHORT)
+    metrics = run(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/all_acc", "test/old_acc", "test/new_acc", "test/k"):
+        assert key in saved and saved[key] == pytest.approx(metrics[key])
+    checkpoint = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert load_module(checkpoint).prototype_bank.num_prototypes == 14  # K kept, not the 10 data classes
+
+
+def test_train_py_rejects_k_below_the_known_classes_before_training(tmp_path) -> None:
+    from protolib.cli.train import run
+    from tests.config_helpers import compose_config
+
+    cfg = compose_config(tmp_path, "experiment=simgcd_digits", "model.net.num_classes=3", *GCD_SHORT)
+    with pytest.raises(ValueError, match=r"model.net.num_classes=3 \(K clusters\) is below the 5 known"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained

@@ -87,7 +87,9 @@ def validate_trainer_config(cfg: DictConfig) -> None:
 
 
 def check_model_accepts_data(module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-    """Run one validation batch through the model so shape mismatches fail now, with names, not mid-epoch."""
+    """Run one validation batch through the model so shape mismatches fail now, with names, not mid-epoch.
+
+    A category-discovery split (``num_known_classes``) lets the model choose K, the number of clusters."""
     batch = next(iter(datamodule.val_dataloader()))
     try:
         with evaluating(module), torch.no_grad():
@@ -98,7 +100,15 @@ def check_model_accepts_data(module: L.LightningModule, datamodule: L.LightningD
             f"(images {tuple(batch['image'].shape)}): {error}. Check data.image_size against the backbone's "
             "stride and the model's in_channels"
         ) from error
-    if logits.shape[-1] != datamodule.num_classes:
+    known = getattr(datamodule, "num_known_classes", None)
+    if known is not None:  # category discovery: the logits are K clusters, any K that holds the known classes
+        if logits.shape[-1] < known:
+            raise ValueError(
+                f"model.net.num_classes={logits.shape[-1]} (K clusters) is below the {known} known classes "
+                f"of data.known_classes; set it to at least {known} plus the new classes expected (null: "
+                f"the data's {datamodule.num_classes})"
+            )
+    elif logits.shape[-1] != datamodule.num_classes:
         raise ValueError(
             f"model outputs {logits.shape[-1]} logits but the data has {datamodule.num_classes} classes"
         )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from protolib.gcd.clustering import estimate_num_clusters
 from protolib.gcd.metrics import hungarian_match, split_cluster_accuracy
@@ -119,6 +120,9 @@ class SimGCDModule(ClassifierModule):
                 f"set it to at least {known} plus the number of new classes expected"
             )
         self.num_known = int(known)
+        classes = int(getattr(datamodule, "num_classes", None) or self.num_classes)
+        if self.test_confusion.num_classes != classes:  # true class x matched class, whatever K is
+            self.test_confusion = MulticlassConfusionMatrix(classes).to(self.device)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The reference's groups: weight decay on weights, none on biases and 1-D (norm) parameters."""
@@ -192,7 +196,7 @@ class SimGCDModule(ClassifierModule):
             # class x cluster confusion after matching (train.py draws test_confusion)
             to_class = {cluster: cls for cls, cluster in hungarian_match(labels, preds).items()}
             matched = torch.as_tensor([to_class.get(int(p), -1) for p in preds])
-            keep = (matched >= 0) & (matched < self.num_classes)
+            keep = (matched >= 0) & (matched < self.test_confusion.num_classes)  # clusters matched to a class
             self.test_confusion.update(
                 matched[keep].to(self.device), torch.as_tensor(labels)[keep].to(self.device)
             )

@@ -11,14 +11,15 @@ from hydra.utils import get_class, instantiate
 
 
 def instantiate_accepting(spec: Mapping[str, Any], **optional: Any) -> Any:
-    """Instantiate ``spec``, adding those ``optional`` arguments its constructor accepts and it does not set.
+    """Instantiate ``spec``, adding those ``optional`` arguments its constructor accepts and it does not set
+    (a key set to null counts as not set: ``num_classes: null`` in a config means "from the data").
 
     The target's own ValueError/FileNotFoundError (which names the fix) is raised instead of Hydra's wrapper.
     """
     target = get_class(spec["_target_"])
     parameters = inspect.signature(target.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    extra = {k: v for k, v in optional.items() if (takes_any or k in parameters) and k not in spec}
+    extra = {k: v for k, v in optional.items() if (takes_any or k in parameters) and spec.get(k) is None}
     try:
         return instantiate(spec, **extra)
     except InstantiationException as error:
