@@ -84,3 +84,5 @@ __all__ = [
     "register",
     "score_model",
 ]
+
+from explain.scores import because  # noqa: E402, F401  (registers the score)
