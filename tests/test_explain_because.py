@@ -217,3 +217,8 @@ def test_registered_score_runs_on_protopnet_and_explains_why_not_for_a_baseline(
         save_importance_figures(result, tmp_path, prototypes=[7])
     reason = SCORES["because"].unavailable(BaselineNet(num_classes=2), dm)
     assert reason is not None and "no prototype similarities" in reason
+    wrapped = SimpleNamespace(base=dm)  # category discovery's datamodule holds the images as .base
+    test_result = prototype_importance(net, wrapped, max_images=2, split="test", progress=False)
+    assert test_result.local.shape == (2, 4, 5)
+    assert "not set up" in SCORES["because"].unavailable(net, PartsDataModule(num_classes=2))
+    assert "not a protolib VisionDataModule" in SCORES["because"].unavailable(net, SimpleNamespace())

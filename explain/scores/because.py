@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from explain.scores import ScoreSpec, register
+from protolib.data.base import VisionDataModule
 from protolib.utils.io import atomic_savefig
 from protolib.utils.modes import evaluating
 
@@ -308,27 +309,53 @@ def sample_indices(size: int, max_images: int | None) -> torch.Tensor:
     return torch.linspace(0, size - 1, max_images).round().long().unique()
 
 
+def vision_data(datamodule: L.LightningDataModule) -> VisionDataModule:
+    """The set-up :class:`VisionDataModule` whose images are modified: the datamodule itself or the one a
+    wrapper holds as ``base`` (category discovery's ``GCDDataModule``)."""
+    data = next(
+        (d for d in (datamodule, getattr(datamodule, "base", None)) if isinstance(d, VisionDataModule)), None
+    )
+    if data is None:
+        raise ValueError(
+            f"{type(datamodule).__name__} is not a protolib VisionDataModule and wraps none as .base: the "
+            "modifications need its images and their normalisation (mean, std)"
+        )
+    if data.train_dataset is None:
+        raise ValueError(f"{type(data).__name__} is not set up: call datamodule.setup('fit') first")
+    return data
+
+
+def split_images(data: VisionDataModule, split: str) -> Dataset:
+    """The eval-transform images of ``split``: "train" (the paper's global importance) or "test" (its check
+    that global importances generalise)."""
+    if split == "train":
+        return data.push_dataloader().dataset
+    if split == "test":
+        return data.test_dataset
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
 def prototype_importance(
     net: nn.Module,
     datamodule: L.LightningDataModule,
     max_images: int | None = 200,
     characteristics: Sequence[str] | None = None,
     mods: Modifications | None = None,
+    split: str = "train",
     progress: bool = True,
 ) -> PrototypeImportance:
     """Local and global importance of hue, shape, texture, contrast and saturation for every prototype, over
-    ``max_images`` evenly spaced training images (eval transform; the paper uses the training set)."""
-    dataset = datamodule.push_dataloader().dataset
+    ``max_images`` evenly spaced images of ``split`` (eval transform; the paper's global importance is over
+    the training set)."""
+    data = vision_data(datamodule)
+    dataset = split_images(data, split)
     indices = sample_indices(len(dataset), max_images)
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=datamodule.batch_size, shuffle=False)
-    channels = int(datamodule.mean.shape[0])
-    names = characteristics_for(channels, characteristics or CHARACTERISTICS)
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=data.batch_size, shuffle=False)
+    names = characteristics_for(int(data.mean.shape[0]), characteristics or CHARACTERISTICS)
     device = next(net.parameters()).device
     parts: list[LocalImportance] = []
     for batch in tqdm(loader, desc="because: modified images", disable=not progress):
-        parts.append(
-            local_importance(net, batch["image"].to(device), datamodule.mean, datamodule.std, names, mods)
-        )
+        parts.append(local_importance(net, batch["image"].to(device), data.mean, data.std, names, mods))
     owners = getattr(getattr(net, "prototype_bank", None), "owners", None)
     return PrototypeImportance(
         characteristics=names,
@@ -378,15 +405,10 @@ def save_importance_figures(
 # ---------------------------------------------------------------------------------------------- the score
 def unavailable(net: nn.Module, datamodule: L.LightningDataModule) -> str | None:
     """None when the network has prototype similarities and the data can be un-normalised, else why not."""
-    if not all(hasattr(datamodule, name) for name in ("mean", "std", "push_dataloader")):
-        return f"{type(datamodule).__name__} is not a protolib VisionDataModule (needs mean, std, push data)"
-    if getattr(datamodule, "train_dataset", None) is None:
-        return "the datamodule is not set up: call datamodule.setup('fit') first"
-    image = datamodule.push_dataloader().dataset[0]["image"][None]
-    device = next(net.parameters()).device
     try:
+        image = split_images(vision_data(datamodule), "train")[0]["image"][None]  # (1, C, H, W)
         with evaluating(net), torch.no_grad():
-            prototype_similarities(net, image.to(device))
+            prototype_similarities(net, image.to(next(net.parameters()).device))
     except ValueError as error:
         return str(error)
     return None
