@@ -1,5 +1,6 @@
-"""Command line of the explanation toolkit: ``python -m explain <command> ...``.
+"""Command line of the explanation toolkit: ``python -m explain <command> ...``, for any family.
 
+python -m explain report --checkpoint outputs/.../checkpoints/last.ckpt   # <run>/report/index.html
 python -m explain prototypes --checkpoint outputs/.../checkpoints/best-epoch30.ckpt   # <run>/explain/
 python -m explain local --checkpoint outputs/.../checkpoints/best-epoch30.ckpt --index 7   # <run>/explain/
 python -m explain routing --checkpoint outputs/promoe_vit_parts/.../checkpoints/last.ckpt   # MoE routing
@@ -8,77 +9,66 @@ python -m explain routing --checkpoint outputs/promoe_vit_parts/.../checkpoints/
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from explain.prototypes import load_checkpoint, render_checkpoint, save_png
 from explain.routing import default_out_dir
 
 
 def explain_test_image(args: argparse.Namespace) -> None:
-    """``local``: the prototype explanation of one test image (and optionally integrated gradients)."""
-    from explain.attribution import integrated_gradients, save_attribution
-    from explain.local import explain_image, save_explanation
+    """``local``: why the model decided as it did on one image (and optionally integrated gradients)."""
+    from explain.families import explain_local, load
 
     out_dir = default_out_dir(args.checkpoint, "explain")
-    args.out = args.out or out_dir / f"local-{args.index}.png"
+    suffix = "" if args.split == "test" else f"-{args.split}"
+    args.out = args.out or out_dir / f"local{suffix}-{args.index}.png"
     if args.integrated_gradients == "":  # the flag without a file name
-        args.integrated_gradients = out_dir / f"ig-{args.index}.png"
-    module, datamodule = load_checkpoint(args.checkpoint)
-    test = datamodule.test_dataset
-    if not 0 <= args.index < len(test):
-        raise ValueError(f"--index {args.index} is out of range: the test split has {len(test)} images")
-    item = test[args.index]
-    if hasattr(module.net, "tree"):  # ProtoTree: the path the image takes down the tree
-        from explain.tree import explain_path
-
-        push_dataset = datamodule.push_dataloader().dataset
-        picture, summary = explain_path(
-            module.net, item["image"], push_dataset, datamodule.denormalize, datamodule.class_names
-        )
-        print(f"test image {args.index}, true class {item['label']}\n{summary}")
-        print(f"wrote {save_png(Path(args.out), picture)}")
-        return
-    explanation = explain_image(
-        module.net,
-        item["image"],
-        datamodule.push_dataloader().dataset,
-        datamodule.denormalize,
-        target=args.target,
-        k=args.k,
-        percentile=module.schedule.push_percentile,
-        class_names=datamodule.class_names,
-    )
-    print(f"test image {args.index}, true class {item['label']}")
-    print(explanation.summary())
-    print(f"wrote {save_explanation(explanation, args.out)}")
+        args.integrated_gradients = out_dir / f"ig{suffix}-{args.index}.png"
+    explained = load(args.checkpoint)
+    explained.options.update(k=args.k, target=args.target)
+    local = explain_local(explained, args.index, args.out, args.split)
+    print(f"{args.split} image {args.index}, true class {local.label}\n{local.summary}")
+    print(f"wrote {local.picture}")
     if args.integrated_gradients:
-        attribution = integrated_gradients(module.net, item["image"], target=explanation.target)
-        title = f"test image {args.index}: which pixels raised the logit of {explanation.target}"
-        print(f"wrote {save_attribution(attribution, explanation.image, args.integrated_gradients, title)}")
+        from explain.attribution import integrated_gradients, save_attribution
+        from explain.prototypes import to_rgb_uint8
+
+        image = explained.item(args.index, args.split)["image"]
+        target = local.predicted if args.target is None else args.target
+        attribution = integrated_gradients(explained.net, image, target=target)
+        picture = to_rgb_uint8(explained.datamodule.denormalize(image[None]))[0]
+        title = f"{args.split} image {args.index}: which pixels raised the logit of {target}"
+        print(f"wrote {save_attribution(attribution, picture, args.integrated_gradients, title)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command and run it."""
     parser = argparse.ArgumentParser(prog="python -m explain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    prototypes = commands.add_parser("prototypes", help="render every prototype of a ProtoPNet checkpoint")
+    report = commands.add_parser("report", help="a static HTML report: model card, prototypes, explanations")
+    report.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    report.add_argument("--out", default=None, help="folder of the site (default: <run>/report)")
+    report.add_argument("--examples", type=int, default=3, help="local explanations per kind of example")
+    report.add_argument("--max-images", type=int, default=200, help="images each score is computed on")
+    prototypes = commands.add_parser("prototypes", help="what every prototype of a checkpoint is")
     prototypes.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
     prototypes.add_argument(
-        "--out",
-        default=None,
-        help="folder for pictures, gallery, prototypes.json (default: <run>/explain/prototypes)",
+        "--out", default=None, help="folder for the pictures (default: <run>/explain/prototypes)"
     )
+    prototypes.add_argument("--ids", type=int, nargs="+", default=None, help="only these prototypes")
     prototypes.add_argument("--classes-per-page", type=int, default=25, help="gallery rows per page")
-    local = commands.add_parser("local", help="why a ProtoPNet checkpoint predicted its class")
+    local = commands.add_parser("local", help="why a checkpoint predicted what it did on one image")
     local.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    local.add_argument("--index", type=int, required=True, help="position of the image in the test split")
+    local.add_argument("--index", type=int, required=True, help="position of the image in the split")
     local.add_argument(
-        "--out",
-        default=None,
-        help="PNG of the prototype explanation (default: <run>/explain/local-<index>.png)",
+        "--split",
+        default="test",
+        choices=("test", "held_out"),
+        help="test split, or test images of the classes held out of training (OOD; PALM runs)",
+    )
+    local.add_argument(
+        "--out", default=None, help="PNG of the explanation (default: <run>/explain/local-<index>.png)"
     )
     local.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted)")
-    local.add_argument("-k", type=int, default=3, help="how many top-contributing prototypes to show")
+    local.add_argument("-k", type=int, default=3, help="how many prototypes to show")
     local.add_argument(
         "--integrated-gradients",
         default=None,
@@ -97,15 +87,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "local":
         explain_test_image(args)
+    elif args.command == "report":
+        from explain.report import report_checkpoint
+
+        index = report_checkpoint(args.checkpoint, args.out, args.examples, args.max_images)
+        print(f"wrote {index} (open it in a browser)")
     elif args.command == "routing":
         from explain.routing import render_routing_checkpoint
 
         written = render_routing_checkpoint(args.checkpoint, args.out, args.images, args.per_expert)
         print(f"wrote {len(written)} files to {written[0].parent}")
     else:
+        from explain.families import explain_prototypes, load
+
         out = args.out or default_out_dir(args.checkpoint, "explain") / "prototypes"
-        written = render_checkpoint(args.checkpoint, out, args.classes_per_page)
-        print(f"wrote {len(written)} files to {out}")
+        explained = load(args.checkpoint)
+        explained.options["classes_per_page"] = args.classes_per_page
+        pictures = explain_prototypes(explained, out, args.ids)
+        print(f"wrote {len(pictures)} pictures to {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pixel attributions of a ProtoPNet decision with captum: a second view of the same prediction.
+"""Pixel attributions of a decision with captum: a second view of the same prediction (any network with
+the extract contract; prototype similarities where it has them).
 
 Integrated gradients (Sundararajan et al., 2017) of a class logit, or of one prototype's max similarity,
 with respect to the input pixels. Unlike the prototype explanation it says which *pixels* moved the number,
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 from captum.attr import IntegratedGradients
 from matplotlib.figure import Figure
+from torch import nn
 
-from protolib.models.protopnet import ProtoPNet
 from protolib.utils.io import atomic_savefig
 from protolib.utils.modes import evaluating
 
@@ -41,7 +42,7 @@ class Attribution:
 
 
 def integrated_gradients(
-    model: ProtoPNet,
+    model: nn.Module,
     image: torch.Tensor,
     target: int | None = None,
     prototype: int | None = None,
@@ -58,7 +59,7 @@ def integrated_gradients(
         raise ValueError(f"integrated_gradients takes one image (C, H, W), got shape {tuple(image.shape)}")
     if target is not None and prototype is not None:
         raise ValueError("give either target (explain a class logit) or prototype (its similarity), not both")
-    device = model.last_layer.weight.device
+    device = next(model.parameters()).device
     inputs = image[None].to(device)  # (1, C, H, W)
     baselines = torch.zeros_like(inputs) if baseline is None else baseline[None].to(device)
     if baselines.shape != inputs.shape:
@@ -67,8 +68,7 @@ def integrated_gradients(
         )
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C) logits or (N, P) similarities
-        output = model(x)
-        return output.logits if prototype is None else output.similarities
+        return model.extract(x)["logits" if prototype is None else "prototype_similarity"]
 
     with evaluating(model):
         with torch.no_grad():

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from explain.prototypes import (
 from protolib.models.protopnet import ProtoPNet, fetch_images, high_activation_boxes, upsample_maps
 from protolib.utils.io import atomic_savefig
 from protolib.utils.modes import evaluating
+
+if TYPE_CHECKING:
+    from explain.families import Explained, Local
 
 
 @dataclass
@@ -204,3 +208,23 @@ def plot_explanation(explanation: LocalExplanation) -> Figure:
 def save_explanation(explanation: LocalExplanation, path: str | Path) -> Path:
     """Render the explanation (``plot_explanation``) into one PNG, written atomically."""
     return atomic_savefig(path, plot_explanation(explanation), dpi=100)
+
+
+def patch_local(explained: Explained, item: dict[str, Any], out: Path) -> Local:
+    """The ``local`` explanation of ProtoPNet and its variants: the top prototype contributions to the
+    predicted class (or ``options["target"]``), where each looks on the image and which patch it is."""
+    from explain.families import Local
+
+    schedule = getattr(explained.module, "schedule", None)
+    explanation = explain_image(
+        explained.net,
+        item["image"],
+        explained.datamodule.push_dataloader().dataset,
+        explained.datamodule.denormalize,
+        target=explained.options.get("target"),
+        k=explained.options.get("k", 3),
+        percentile=getattr(schedule, "push_percentile", 95.0),
+        class_names=explained.class_names,
+    )
+    path = save_explanation(explanation, out)
+    return Local(path, explanation.summary(), int(item["label"]), explanation.predicted)

@@ -20,12 +20,12 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from protolib.models.protopnet import ProtoPNet, fetch_images, upsample_maps
-from protolib.models.prototree import ProtoTree
 from protolib.utils.io import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:
     import lightning as L
 
+    from explain.families import Explained, Picture
     from protolib.data.base import VisionDataModule
 
 RF_COLOUR = (255, 215, 0)  # receptive field: yellow
@@ -172,14 +172,23 @@ def render_prototypes(
     denormalize: Callable[[torch.Tensor], torch.Tensor],
     class_names: Sequence[str] | None = None,
     classes_per_page: int = 25,
+    ids: Sequence[int] | None = None,
 ) -> list[Path]:
-    """Write one picture per prototype, the class-by-class gallery and ``prototypes.json`` into ``out_dir``.
+    """Write one picture per prototype (or per prototype of ``ids``), the class-by-class gallery and
+    ``prototypes.json`` into ``out_dir``.
 
     ``dataset`` is the push dataset (training images, eval transform; item "index" = position) that the
     provenance refers to; ``denormalize`` maps its images back to [0, 1]. Returns the written paths.
     """
     out_dir = Path(out_dir)
     provenance, known = pushed_provenance(model)
+    if ids is not None:
+        unpushed = sorted(set(ids) - set(known.tolist()))
+        if unpushed:
+            raise ValueError(
+                f"prototypes {unpushed[:10]} have no source patch (never pushed): leave them out"
+            )
+        known = torch.as_tensor(sorted(set(ids)), dtype=torch.long)
     device = model.prototype_bank.vectors.device
     weights = None if model.last_layer is None else prototype_weights(model).detach().cpu()  # (C, P)
     names = list(class_names) if class_names is not None else [str(c) for c in range(model.num_classes)]
@@ -237,40 +246,52 @@ def render_prototypes(
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, VisionDataModule]:
     """A ProtoPNet-family or ProtoTree module from a train.py checkpoint and its training data (set up)."""
-    from hydra.utils import instantiate
+    from explain.families import load
 
-    from protolib.lit.checkpoint import load_module
-
-    module = load_module(checkpoint)
-    net = getattr(module, "net", None)
-    if not all(hasattr(net, name) for name in PATCH_PROTOTYPE_API):
+    explained = load(checkpoint)
+    if explained.family.name not in ("protopnet", "prototree"):
         raise ValueError(
-            f"checkpoint {checkpoint} holds a {type(module).__name__} whose network has no patch prototypes "
-            f"({', '.join(PATCH_PROTOTYPE_API)}): ProtoPNet, its variants and ProtoTree do"
+            f"checkpoint {checkpoint} holds a {type(explained.net).__name__} whose network has no patch "
+            f"prototypes ({', '.join(PATCH_PROTOTYPE_API)}): ProtoPNet, its variants and ProtoTree do"
         )
-    datamodule = instantiate(module.build_config["data"])
-    datamodule.setup("fit")
-    return module, datamodule
+    return explained.module, explained.datamodule
+
+
+def patch_prototypes(explained: Explained, out_dir: Path, ids: Sequence[int] | None = None) -> list[Picture]:
+    """The ``prototypes`` explanation of ProtoPNet and its variants: the class gallery of pushed patches,
+    then one picture per prototype (source image with boxes | patch | similarity map)."""
+    from explain.families import Picture
+
+    written = render_prototypes(
+        explained.net,
+        explained.datamodule.push_dataloader().dataset,
+        out_dir,
+        explained.datamodule.denormalize,
+        class_names=explained.class_names,
+        classes_per_page=explained.options.get("classes_per_page", 25),
+        ids=ids,
+    )
+    galleries = [
+        Picture(path, f"every class's prototypes as the training patches they were pushed onto (page {n})")
+        for n, path in enumerate((p for p in written if p.name.startswith("gallery-")), start=1)
+    ]
+    pictures = [
+        Picture(
+            path,
+            f"prototype {int(path.stem.split('-')[1])}: source image, receptive field (yellow), "
+            "high activation (cyan) | the patch | similarity map",
+        )
+        for path in written
+        if path.name.startswith("prototype-")
+    ]
+    return galleries + pictures
 
 
 def render_checkpoint(checkpoint: str | Path, out_dir: str | Path, classes_per_page: int = 25) -> list[Path]:
-    """Render the prototypes of a ProtoPNet (or ProtoTree: also ``tree.png``, the whole tree) checkpoint
-    written by train.py, with its training data."""
-    module, datamodule = load_checkpoint(checkpoint)
-    dataset = datamodule.push_dataloader().dataset
-    written = []
-    if isinstance(module.net, ProtoTree):
-        from explain.tree import save_tree
+    """Render the prototypes of any family's checkpoint written by train.py into ``out_dir`` (ProtoPNet:
+    pictures, gallery, prototypes.json; ProtoTree: also ``tree.png``; PALM, GCD, MoE: their galleries)."""
+    from explain.families import explain_prototypes, load
 
-        tree_path = Path(out_dir) / "tree.png"
-        written.append(
-            save_tree(module.net, dataset, datamodule.denormalize, tree_path, datamodule.class_names)
-        )
-    return written + render_prototypes(
-        module.net,
-        dataset,
-        out_dir,
-        datamodule.denormalize,
-        class_names=datamodule.class_names,
-        classes_per_page=classes_per_page,
-    )
+    explained = load(checkpoint)
+    explained.options["classes_per_page"] = classes_per_page
+    return [picture.path for picture in explain_prototypes(explained, out_dir)]

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,10 @@ from protolib.models.moe_vit import MoEViT
 from protolib.models.protopnet import fetch_images
 from protolib.nn.moe import expert_share, normalized_entropy
 from protolib.utils.io import atomic_write_json
+from protolib.utils.modes import evaluating
+
+if TYPE_CHECKING:
+    from explain.families import Explained, Local, Picture
 
 MAP_SIDE = 128  # side of one routing-map panel in pixels
 TILE = 64  # side of one gallery tile in pixels
@@ -383,3 +387,69 @@ def render_routing_checkpoint(
         num_maps=num_maps,
         per_expert=per_expert,
     )
+
+
+def routing_prototypes(
+    explained: Explained, out_dir: Path, ids: Sequence[int] | None = None
+) -> list[Picture]:
+    """The MoE ``prototypes``: each expert's gallery (the training patches nearest its routing prototype),
+    routing maps of test images and the experts x classes usage; every expert is shown."""
+    from explain.families import NotApplicable, Picture
+
+    net, datamodule = explained.net, explained.datamodule
+    if net.explained is None:
+        raise NotApplicable("a dense ViT has no experts and no prototypes: nothing routes its patches")
+    if ids is not None:
+        raise ValueError("routing galleries show every expert at once: leave out the prototype ids")
+    render_routing(
+        net,
+        datamodule.push_dataloader().dataset,
+        datamodule.test_dataset,
+        out_dir,
+        datamodule.denormalize,
+        class_names=explained.class_names,
+    )
+    router = type(net.explained.router).__name__
+    return [
+        Picture(out_dir / "galleries.png", f"each expert's nearest training patches ({router})"),
+        Picture(
+            out_dir / "routing_maps.png", "test images, every patch tinted by the expert it is routed to"
+        ),
+        Picture(out_dir / "usage.png", "share of each class's patches per expert"),
+    ]
+
+
+@torch.no_grad()
+def routing_local(explained: Explained, item: dict[str, Any], out: Path) -> Local:
+    """The MoE ``local``: which expert took each patch of the image (its routing map), the prediction, and
+    the image's share of patches per expert; a dense ViT (no experts) is explained by integrated
+    gradients of the predicted logit."""
+    from explain.families import Local
+
+    net, datamodule, names = explained.net, explained.datamodule, explained.class_names
+    device = next(net.parameters()).device
+    with evaluating(net):
+        out_dict = net.extract(item["image"][None].to(device))
+    predicted, label = int(out_dict["logits"][0].argmax()), int(item["label"])
+    image = to_rgb_uint8(datamodule.denormalize(item["image"][None].cpu()))
+    head = f"predicted {predicted} ({names[predicted]}), true {label}"
+    if net.explained is None:
+        from explain.attribution import integrated_gradients, save_attribution
+
+        attribution = integrated_gradients(net, item["image"], target=predicted)
+        path = save_attribution(attribution, image[0], out, f"dense ViT: {head}")
+        return Local(path, f"{head}; integrated gradients of the predicted logit", label, predicted)
+    num_experts = net.explained.num_experts
+    experts = out_dict["expert_index"][0, net.explain_layer].cpu()  # (Np,)
+    share = expert_share(experts, num_experts)
+    page = routing_maps_page(
+        image,
+        experts.view(1, *net.grid_size).numpy(),
+        [head[:20]],
+        expert_colours(num_experts),
+        share.numpy(),
+    )
+    summary = f"{head}; patches per expert: " + ", ".join(
+        f"e{e} {100 * float(v):.0f}%" for e, v in enumerate(share)
+    )
+    return Local(save_png(Path(out), page), summary, label, predicted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +20,10 @@ from torch.utils.data import Dataset
 from explain.prototypes import ACTIVATION_COLOUR, crop_box, draw_box, resize_panel, save_png, to_rgb_uint8
 from protolib.models.protopnet import fetch_images, high_activation_boxes, upsample_maps
 from protolib.models.prototree import ProtoTree
+from protolib.utils.modes import evaluating
+
+if TYPE_CHECKING:
+    from explain.families import Explained, Local, Picture
 
 TILE = 56  # side of a node's patch in the tree picture
 GAP = 10
@@ -170,3 +175,38 @@ def save_tree(
 ) -> Path:
     """Write :func:`render_tree` as a PNG."""
     return save_png(Path(path), render_tree(net, dataset, denormalize, class_names))
+
+
+def tree_prototypes(explained: Explained, out_dir: Path, ids: Sequence[int] | None = None) -> list[Picture]:
+    """ProtoTree's ``prototypes``: the whole tree (``tree.png``), then its prototypes as ProtoPNet's."""
+    from explain.families import Picture
+    from explain.prototypes import patch_prototypes
+
+    datamodule = explained.datamodule
+    tree = save_tree(
+        explained.net,
+        datamodule.push_dataloader().dataset,
+        datamodule.denormalize,
+        Path(out_dir) / "tree.png",
+        explained.class_names,
+    )
+    caption = "the tree: each node's prototype patch, edges absent (left) / present (right), leaf classes"
+    return [Picture(tree, caption), *patch_prototypes(explained, out_dir, ids)]
+
+
+@torch.no_grad()
+def tree_local(explained: Explained, item: dict[str, Any], out: Path) -> Local:
+    """ProtoTree's ``local``: the greedy path of the image down the tree and the leaf it reaches."""
+    from explain.families import Local
+
+    net, datamodule = explained.net, explained.datamodule
+    picture, summary = explain_path(
+        net,
+        item["image"],
+        datamodule.push_dataloader().dataset,
+        datamodule.denormalize,
+        explained.class_names,
+    )
+    with evaluating(net):
+        logits = net.extract(item["image"][None].to(net.bank.vectors.device))["logits"]
+    return Local(save_png(Path(out), picture), summary, int(item["label"]), int(logits.argmax()))

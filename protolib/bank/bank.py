@@ -17,7 +17,7 @@ from torch import nn
 
 from protolib.bank import distributed
 from protolib.bank.index import INDEX_KINDS, METRICS, FaissIndex, build_index, exact_search
-from protolib.bank.push import PushResult, nearest_patches
+from protolib.bank.push import PushResult, nearest_patches, nearest_samples
 
 # Per-prototype metadata buffers: name -> (trailing shape, dtype, fill value meaning "unknown").
 METADATA: dict[str, tuple[tuple[int, ...], torch.dtype, float]] = {
@@ -294,6 +294,15 @@ class PrototypeBank(nn.Module):
         return nearest_patches(
             vectors, self.owners, self.metric, batches, restrict_to_owner, distinct=distinct, allowed=allowed
         )
+
+    @torch.no_grad()
+    def nearest_samples(
+        self, batches: Iterable[Sequence[torch.Tensor]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reverse search for pooled embeddings: each prototype's ``k`` nearest samples in ``batches``
+        of ``(embeddings (B, D), labels, sample_ids)``, whatever their class: distances (P, k) in the bank's
+        metric, smaller = nearer, and sample ids (P, k), -1 where fewer than ``k`` exist."""
+        return nearest_samples(self.vectors, self.metric, batches, k)
 
     @torch.no_grad()
     def project(

@@ -215,6 +215,33 @@ def nearest_patches(
     return PushResult(vectors, dist[rows, choice], sample_ids, locations)
 
 
+def nearest_samples(
+    prototypes: torch.Tensor, metric: str, batches: Iterable[Sequence[torch.Tensor]], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every prototype's ``k`` nearest embeddings over all ``batches`` (of any class), nearest first:
+    distances (P, k) and the samples' ids (P, k), -1 where fewer than ``k`` were seen.
+
+    ``batches`` yield ``(embeddings (B, D), labels (B,), sample_ids (B,))`` as for a push (labels unused);
+    memory is bounded by one batch; gathered across DDP ranks. What explanations show as the training
+    images a prototype stands for (PALM's class prototypes, GCD's clusters).
+    """
+    if k < 1:
+        raise ValueError(f"k (nearest samples per prototype) must be >= 1, got {k}")
+    prototypes = prototypes.detach()
+    p, d = prototypes.shape
+    device = prototypes.device
+    best = _RunningBest(prototypes, metric, k)
+    all_ids = torch.arange(p, device=device)
+    for number, batch in enumerate(batches):
+        patches, _, sample_ids, locations = _flatten_batch(batch, d, number, device)
+        ids = torch.arange(len(patches), device=device)
+        best.update(all_ids, ids, patches.to(prototypes.dtype), sample_ids, locations)
+    dist, (sample_ids,) = best.dist, (best.sample_ids,)
+    if distributed.world_size() > 1:
+        dist, (sample_ids,) = _gather_best(dist, (sample_ids,))
+    return dist, sample_ids
+
+
 def _gather_best(
     best_dist: torch.Tensor, payload: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
