@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from scipy.stats import t as scipy_t
 from torch import nn
 
 from explain.scores import SCORES, score_model
 from explain.scores.because import (
     Modifications,
     characteristics_for,
+    generalisation,
     lab8_to_rgb,
     local_importance,
     modify,
@@ -180,6 +182,14 @@ def test_local_and_global_importance_on_a_network_with_known_similarities() -> N
     expected_global = (weights * expected_local).sum(0) / weights.sum(0)  # the reference's weighted_mean
     assert np.allclose(result.global_importance.numpy(), expected_global, atol=1e-5)
     assert result.table()[1]["contrast"] == pytest.approx(expected_global[1, 1], abs=1e-5)
+    # the reference's train/test check: Welch's t statistic written out, its two-sided p from Student's t
+    test = prototype_importance(PixelNet(), dm, None, names, split="test", progress=False)
+    a, b = result.global_importance[:, 1].double().numpy(), test.global_importance[:, 1].double().numpy()
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    assert generalisation(result, test)["contrast"] == pytest.approx(2 * scipy_t.sf(abs(t), dof), rel=1e-4)
+    assert result.table()[0] == pytest.approx(dict(zip(names, expected_global[0], strict=True)), abs=1e-5)
     summary = result.summary()
     assert summary["hue"] == pytest.approx(expected_global[:, 0].mean(), abs=1e-5)
     assert summary["change_contrast"] > 0
@@ -194,6 +204,7 @@ def test_local_importance_on_whole_image_prototypes_and_sampling() -> None:
     out = local_importance(VectorNet(), image, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), ("contrast",))
     expected = image.mean(dim=(2, 3)) - modify(image, "contrast").mean(dim=(2, 3))
     assert torch.allclose(out.delta[..., 0], expected, atol=1e-6)
+    assert out.table(0, 2) == pytest.approx({"contrast": float(expected[0, 2])})
     assert sample_indices(10, 4).tolist() == [0, 3, 6, 9]
     assert sample_indices(3, 200).tolist() == [0, 1, 2]
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
@@ -123,22 +124,28 @@ LAB_OFFSET = torch.tensor([0.0, 128.0, 128.0], dtype=torch.float64)
 EPSILON_Y = 0.008856  # CIE's linear / cube-root switch
 
 
+def per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(3,) constants as (1, 3, 1, 1) on ``like``'s device."""
+    return values.to(like.device)[None, :, None, None]
+
+
 def rgb_to_lab8(images: torch.Tensor) -> torch.Tensor:
     """RGB (B, 3, H, W) in [0, 1] -> CIE Lab (B, 3, H, W) in OpenCV's 8-bit units (L, a, b in 0..255), with
     the values taken as linear RGB (no sRGB gamma), as OpenCV's denoising converts (``COLOR_LBGR2Lab``)."""
-    xyz = torch.einsum("ij,bjhw->bihw", RGB_TO_XYZ, images.double()) / WHITE[None, :, None, None]
+    x = images.double()
+    xyz = torch.einsum("ij,bjhw->bihw", RGB_TO_XYZ.to(x.device), x) / per_channel(WHITE, x)
     f = torch.where(xyz > EPSILON_Y, xyz.clamp_min(0) ** (1 / 3), 7.787 * xyz + 16 / 116)
     lab = torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
-    return lab * LAB_SCALE[None, :, None, None] + LAB_OFFSET[None, :, None, None]
+    return lab * per_channel(LAB_SCALE, x) + per_channel(LAB_OFFSET, x)
 
 
 def lab8_to_rgb(lab8: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_lab8`, clamped to [0, 1] (float64)."""
-    lab = (lab8 - LAB_OFFSET[None, :, None, None]) / LAB_SCALE[None, :, None, None]
+    lab = (lab8 - per_channel(LAB_OFFSET, lab8)) / per_channel(LAB_SCALE, lab8)
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
-    xyz = torch.where(f > EPSILON_Y ** (1 / 3), f**3, (f - 16 / 116) / 7.787) * WHITE[None, :, None, None]
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(RGB_TO_XYZ), xyz).clamp(0, 1)
+    xyz = torch.where(f > EPSILON_Y ** (1 / 3), f**3, (f - 16 / 116) / 7.787) * per_channel(WHITE, lab8)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(RGB_TO_XYZ).to(lab8.device), xyz).clamp(0, 1)
 
 
 def reflect_index(n: int, pad: int) -> torch.Tensor:
@@ -161,7 +168,8 @@ def nl_means(values: torch.Tensor, h: float, template: int, search: int) -> torc
     b, c, height, width = values.shape
     t, s = template // 2, search // 2
     pad = s + t
-    padded = values[..., reflect_index(height, pad), :][..., reflect_index(width, pad)]  # (B, C, H+2p, W+2p)
+    rows, cols = reflect_index(height, pad).to(values.device), reflect_index(width, pad).to(values.device)
+    padded = values[..., rows, :][..., cols]  # (B, C, H + 2 pad, W + 2 pad)
     centre = padded[..., s : s + height + 2 * t, s : s + width + 2 * t]  # template neighbourhoods
     total = torch.zeros_like(values)
     weights = torch.zeros(b, 1, height, width, dtype=values.dtype, device=values.device)
@@ -238,6 +246,10 @@ class LocalImportance:
     delta: torch.Tensor  # (B, P, M) similarity before - after modification M at that same patch
     change: torch.Tensor  # (B, M) mean absolute pixel change of each modification (in [0, 1] units)
 
+    def table(self, image: int, prototype: int) -> dict[str, float]:
+        """``{characteristic: local importance}`` of ``prototype`` on image ``image`` of the batch."""
+        return dict(zip(self.characteristics, self.delta[image, prototype].tolist(), strict=True))
+
 
 @torch.no_grad()
 def local_importance(
@@ -298,6 +310,19 @@ class PrototypeImportance:
         change = self.change.mean(0)  # (M,)
         out.update({f"change_{name}": float(change[m]) for m, name in enumerate(self.characteristics)})
         return out
+
+
+def generalisation(train: PrototypeImportance, test: PrototypeImportance) -> dict[str, float]:
+    """Welch's t-test p-value per characteristic between the prototypes' global importances on training and
+    on test images (the reference's check that global explanations generalise: a large p-value means no
+    evidence that they differ)."""
+    if train.characteristics != test.characteristics:
+        raise ValueError(f"characteristics differ: {train.characteristics} vs {test.characteristics}")
+    a, b = train.global_importance, test.global_importance  # (P, M) each
+    return {
+        name: float(stats.ttest_ind(a[:, m], b[:, m], equal_var=False, nan_policy="omit").pvalue)
+        for m, name in enumerate(train.characteristics)
+    }
 
 
 def sample_indices(size: int, max_images: int | None) -> torch.Tensor:
