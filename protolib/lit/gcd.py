@@ -31,6 +31,7 @@ from protolib.losses.gcd import (
     self_distillation_loss,
     teacher_temperature,
 )
+from protolib.utils.modes import evaluating
 
 
 def view_major(images: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -132,6 +133,18 @@ class SimGCDModule(ClassifierModule):
                 (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def contrastive_terms(
+        self, proj: torch.Tensor, batch: dict[str, torch.Tensor], views: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SimCLR on every image, SupCon on the labelled ones) of the view-major projections (V*B, E)."""
+        b = batch["image"].shape[0]
+        proj_views = proj.reshape(views, b, -1).transpose(0, 1)  # (B, V, E)
+        simclr = contrastive_loss(proj_views, None, self.simclr_temperature)
+        lab = batch["labelled"].bool()
+        if not lab.any():  # a batch without labelled images (the reference would produce NaN)
+            return simclr, proj.sum() * 0.0
+        return simclr, contrastive_loss(proj_views[lab], batch["label"][lab], self.supcon_temperature)
+
     def gcd_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SimGCD's total loss and its named terms for a two-view batch."""
         images, views = view_major(batch["image"])
@@ -145,15 +158,9 @@ class SimGCDModule(ClassifierModule):
         )
         distill = self_distillation_loss(logits, cosine, views, temp)
         memax = mean_entropy_regulariser(logits)
-        b = batch["image"].shape[0]
-        proj_views = proj.reshape(views, b, -1).transpose(0, 1)  # (B, V, E)
-        simclr = contrastive_loss(proj_views, None, self.simclr_temperature)
-        if labelled.any():
-            ce = F.cross_entropy(logits[labelled], labels[labelled])
-            lab = batch["labelled"].bool()
-            supcon = contrastive_loss(proj_views[lab], batch["label"][lab], self.supcon_temperature)
-        else:  # a batch without labelled images (the reference would produce NaN)
-            ce = supcon = logits.sum() * 0.0
+        simclr, supcon = self.contrastive_terms(proj, batch, views)
+        # a batch without labelled images: no CE (the reference would produce NaN)
+        ce = F.cross_entropy(logits[labelled], labels[labelled]) if labelled.any() else logits.sum() * 0.0
         total = (1 - w) * (distill + self.memax_weight * memax) + w * ce + (1 - w) * simclr + w * supcon
         terms = {"distill": distill, "memax": memax, "ce": ce, "simclr": simclr, "supcon": supcon}
         return total, {name: value.detach() for name, value in terms.items()}
@@ -208,13 +215,19 @@ class SimGCDModule(ClassifierModule):
         self.log_dict(metrics)
 
     @torch.no_grad()
-    def estimate_k(self) -> int:
-        """Vaze et al.'s K estimate (Brent search of labelled cluster accuracy) on the training features."""
+    def training_features(self) -> tuple[torch.Tensor, np.ndarray]:
+        """Backbone features (N, F) of every training image in dataset order (eval view, eval mode) and
+        their labels (N,), -1 where unlabelled (only the labelled images' classes are known)."""
         datamodule = self.trainer.datamodule
         feats, labels = [], []
-        for batch in datamodule.features_dataloader():
-            feats.append(self.net.extract(batch["image"].to(self.device))["features"].float().cpu())
-            labels.append(batch["label"])
-        y = torch.cat(labels).numpy()
-        y = np.where(datamodule.labelled_mask, y, -1)  # only the labelled images' classes are known
-        return estimate_num_clusters(torch.cat(feats), y, k_min=self.num_known, k_max=self.estimate_k_max).k
+        with evaluating(self):
+            for batch in datamodule.features_dataloader():
+                feats.append(self.net.extract(batch["image"].to(self.device))["features"].float().cpu())
+                labels.append(batch["label"])
+        y = np.where(datamodule.labelled_mask, torch.cat(labels).numpy(), -1)
+        return torch.cat(feats), y
+
+    def estimate_k(self) -> int:
+        """Vaze et al.'s K estimate (Brent search of labelled cluster accuracy) on the training features."""
+        feats, y = self.training_features()
+        return estimate_num_clusters(feats, y, k_min=self.num_known, k_max=self.estimate_k_max).k

@@ -69,7 +69,9 @@ class TimmPooled(nn.Module):
 class SimGCDNet(nn.Module):
     """Backbone features (B, F) -> DINO head projection (B, E) and cosine logits / temperature (B, K).
 
-    ``num_classes`` is K, the number of clusters (known + new classes). Backbones: ``small_cnn``,
+    ``num_classes`` is K, the number of clusters (known + new classes): the bank's prototypes, learned by
+    gradient or, with ``learnable_prototypes=False``, set by an E-step (GPC, whose split / merge then
+    change K from this start). Backbones: ``small_cnn``,
     ``cifar_resnet*`` (pooled), or a timm name; ``trainable_blocks`` (timm ViTs) freezes all but the last
     blocks, as SimGCD fine-tunes only block 11 of DINO ViT-B/16; ``backbone_options`` go to ``small_cnn``
     (e.g. ``{width: 16}``).
@@ -88,6 +90,7 @@ class SimGCDNet(nn.Module):
         head_layers: int = 3,
         temperature: float = 0.1,
         bank: Callable[..., PrototypeBank] = PrototypeBank,
+        learnable_prototypes: bool = True,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -102,7 +105,7 @@ class SimGCDNet(nn.Module):
             self.backbone = TimmPooled(backbone, pretrained, in_channels, trainable_blocks)
         dim = self.backbone.out_channels
         self.head = DINOHead(dim, head_hidden_dim, head_bottleneck_dim, head_layers)
-        self.bank = bank(num_prototypes=num_classes, dim=dim, metric="cosine", learnable=True)
+        self.bank = bank(num_prototypes=num_classes, dim=dim, metric="cosine", learnable=learnable_prototypes)
         with torch.no_grad():  # nn.Linear's default init, as the reference's weight-normed layer
             bound = 1.0 / dim**0.5
             self.bank.vectors.uniform_(-bound, bound)
