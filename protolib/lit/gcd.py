@@ -145,24 +145,34 @@ class SimGCDModule(ClassifierModule):
             return simclr, proj.sum() * 0.0
         return simclr, contrastive_loss(proj_views[lab], batch["label"][lab], self.supcon_temperature)
 
+    def clustering_losses(
+        self, logits: torch.Tensor, cosine: torch.Tensor, views: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The unsupervised clustering objective on all images (V*B, K): SimGCD's self-distillation with the
+        teacher-temperature schedule plus ``memax_weight`` x mean-entropy. Recipes built on SimGCD's override
+        this (ProtoGCD)."""
+        temp = teacher_temperature(
+            self.current_epoch, self.warmup_teacher_temp_epochs, self.warmup_teacher_temp, self.teacher_temp
+        )
+        distill = self_distillation_loss(logits, cosine, views, temp)
+        memax = mean_entropy_regulariser(logits)
+        return distill + self.memax_weight * memax, {"distill": distill, "memax": memax}
+
     def gcd_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """SimGCD's total loss and its named terms for a two-view batch."""
+        """The total loss and its named terms for a two-view batch: ``(1 - w)`` x (clustering + SimCLR) +
+        ``w`` x (CE + SupCon) on the labelled images."""
         images, views = view_major(batch["image"])
         out = self.net.extract(images)
         logits, cosine, proj = out["logits"].float(), out["prototype_similarity"], out["projection"]
         labelled = batch["labelled"].bool().repeat(views)  # (V*B,)
         labels = batch["label"].repeat(views)
         w = self.sup_weight
-        temp = teacher_temperature(
-            self.current_epoch, self.warmup_teacher_temp_epochs, self.warmup_teacher_temp, self.teacher_temp
-        )
-        distill = self_distillation_loss(logits, cosine, views, temp)
-        memax = mean_entropy_regulariser(logits)
+        cluster, terms = self.clustering_losses(logits, cosine, views)
         simclr, supcon = self.contrastive_terms(proj, batch, views)
         # a batch without labelled images: no CE (the reference would produce NaN)
         ce = F.cross_entropy(logits[labelled], labels[labelled]) if labelled.any() else logits.sum() * 0.0
-        total = (1 - w) * (distill + self.memax_weight * memax) + w * ce + (1 - w) * simclr + w * supcon
-        terms = {"distill": distill, "memax": memax, "ce": ce, "simclr": simclr, "supcon": supcon}
+        total = (1 - w) * cluster + w * ce + (1 - w) * simclr + w * supcon
+        terms.update(ce=ce, simclr=simclr, supcon=supcon)
         return total, {name: value.detach() for name, value in terms.items()}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

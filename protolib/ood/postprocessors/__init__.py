@@ -8,7 +8,7 @@ from protolib.ood.postprocessors.activation import ASH, ReAct, ash
 from protolib.ood.postprocessors.base import Postprocessor
 from protolib.ood.postprocessors.gaussian import RMDS, GaussianStats, Mahalanobis, SharedGaussians
 from protolib.ood.postprocessors.knn import KNN
-from protolib.ood.postprocessors.logit import GEN, MSP, Energy, MaxLogit, energy
+from protolib.ood.postprocessors.logit import GEN, MSP, Energy, MaxLogit, TopTwo, UniformCrossEntropy, energy
 from protolib.ood.postprocessors.odin import ODIN
 from protolib.ood.postprocessors.prototype import PALMScore, PrototypeScore, palm_log_likelihood
 from protolib.ood.postprocessors.vim import ViM
@@ -29,6 +29,8 @@ __all__ = [
     "PrototypeScore",
     "ReAct",
     "SharedGaussians",
+    "TopTwo",
+    "UniformCrossEntropy",
     "ViM",
     "ash",
     "energy",

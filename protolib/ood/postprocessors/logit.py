@@ -1,4 +1,4 @@
-"""Scores computed from the logits alone: MSP, MaxLogit, Energy and GEN (no fit, no images)."""
+"""Scores from the logits alone: MSP, MaxLogit, Energy, GEN, top-2 gap, uniform CE (no fit, no images)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,33 @@ class GEN(Postprocessor):
         probs = outputs["logits"].float().softmax(dim=1)  # (B, C)
         top = probs.topk(min(self.M, probs.shape[1]), dim=1).values  # (B, M)
         return -(top.pow(self.gamma) * (1.0 - top).pow(self.gamma)).sum(dim=1)
+
+
+class TopTwo(Postprocessor):
+    """The gap between the two largest softmax probabilities: ``p1 / (p2 + 1e-6)`` (``mode="ratio"``, the
+    confidence ProtoGCD ranks pseudo-labels by and its ``proto`` OOD score) or ``p1 - p2`` (``"margin"``)."""
+
+    name = "top2"
+
+    def __init__(self, mode: str = "ratio") -> None:
+        if mode not in ("ratio", "margin"):
+            raise ValueError(f"top2 mode must be 'ratio' or 'margin', got {mode!r}")
+        self.mode = mode
+
+    def _score(self, model: nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        if logits.shape[1] < 2:
+            raise ValueError(f"top2 needs at least 2 classes, got logits of shape {tuple(logits.shape)}")
+        top = logits.softmax(dim=1).topk(2, dim=1).values  # (B, 2)
+        return top[:, 0] / (top[:, 1] + 1e-6) if self.mode == "ratio" else top[:, 0] - top[:, 1]
+
+
+class UniformCrossEntropy(Postprocessor):
+    """Cross-entropy of the softmax against the uniform distribution, ``logsumexp(z) - mean(z)``: large when
+    the prediction is peaked (ProtoGCD's ``xent`` score, sign flipped so that higher = more ID)."""
+
+    name = "xent"
+
+    def _score(self, model: nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        return torch.logsumexp(logits, dim=1) - logits.mean(dim=1)
