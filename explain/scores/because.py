@@ -173,28 +173,32 @@ def nl_means(values: torch.Tensor, h: float, template: int, search: int) -> torc
     centre = padded[..., s : s + height + 2 * t, s : s + width + 2 * t]  # template neighbourhoods
     total = torch.zeros_like(values)
     weights = torch.zeros(b, 1, height, width, dtype=values.dtype, device=values.device)
+    scale = 1.0 / (h * h * c)
+    smallest = math.log(1e-3)  # exp(-d scale) below 1e-3 is dropped
     for dy in range(search):
         for dx in range(search):
             other = padded[..., dy : dy + height + 2 * t, dx : dx + width + 2 * t]
-            d2 = (centre - other).square().sum(1, keepdim=True)  # (B, 1, H+2t, W+2t)
-            distance = F.avg_pool2d(d2, template, stride=1)  # (B, 1, H, W)
-            w = torch.exp(-distance / (h * h * c))
-            w = torch.where(w < 1e-3, torch.zeros_like(w), w)
-            total += w * other[..., t : t + height, t : t + width]
+            d2 = (centre - other).square_().sum(1, keepdim=True)  # (B, 1, H+2t, W+2t)
+            d2 = F.avg_pool2d(F.avg_pool2d(d2, (1, template), stride=1), (template, 1), stride=1)  # (B,1,H,W)
+            exponent = d2.mul_(-scale)
+            w = exponent.exp().masked_fill_(exponent < smallest, 0.0)
+            total.addcmul_(w, other[..., t : t + height, t : t + width])
             weights += w
     return total / weights  # the centre pixel always has weight 1
 
 
 def remove_texture(images: torch.Tensor, h: float, template: int, search: int) -> torch.Tensor:
-    """OpenCV's ``fastNlMeansDenoisingColored`` (h = hColor) on RGB (B, 3, H, W) in [0, 1]: Lab in 8-bit
-    units, L denoised alone and (a, b) together; one-channel images are denoised as 8-bit gray."""
+    """OpenCV's ``fastNlMeansDenoisingColored`` (h = hColor) on RGB (B, 3, H, W) in [0, 1]: Lab rounded to
+    8-bit levels as OpenCV holds it (its rounding decides which neighbourhoods count as alike), L denoised
+    alone and (a, b) together, rounded again; one-channel images are denoised as 8-bit gray."""
     if images.shape[1] == 1:
-        return (nl_means(images.double() * 255, h, template, search) / 255).clamp(0, 1).to(images.dtype)
-    lab = rgb_to_lab8(images)
+        gray = (images.float() * 255).round()  # (B, 1, H, W) 8-bit levels, as OpenCV sees them
+        return (nl_means(gray, h, template, search).round() / 255).clamp(0, 1).to(images.dtype)
+    lab = rgb_to_lab8(images).round().clamp(0, 255).float()  # OpenCV denoises 8-bit Lab
     lab = torch.cat(
         [nl_means(lab[:, :1], h, template, search), nl_means(lab[:, 1:], h, template, search)], dim=1
-    )
-    return lab8_to_rgb(lab).to(images.dtype)
+    ).round()
+    return lab8_to_rgb(lab.double()).to(images.dtype)
 
 
 def modify(images: torch.Tensor, characteristic: str, mods: Modifications | None = None) -> torch.Tensor:
