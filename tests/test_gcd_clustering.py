@@ -95,3 +95,22 @@ def test_empty_cluster_restarts_like_sklearn() -> None:
     ref = KMeans(4, init=init, n_init=1, max_iter=30, tol=0.0, algorithm="lloyd").fit(x)
     assert np.bincount(ours.labels, minlength=4).min() > 0
     assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-3)
+
+
+def test_bounded_lloyd_is_brute_force_lloyd_with_labelled_points_fixed() -> None:
+    """The bound-skipping assignment equals a full float64 Lloyd written out here, step by step."""
+    x, y = blobs(8, n=500, dim=6, std=4.0, seed=5)  # overlapping: points keep changing cluster for a while
+    labels = np.where((y < 3) & (np.arange(len(y)) % 3 == 0), y, -1)
+    lab = labels >= 0
+    init = np.concatenate([[x[lab & (y == c)].mean(0) for c in range(3)], x[~lab][:5]]).astype(np.float32)
+    centres = init.astype(np.float64)
+    for _ in range(15):
+        d = ((x[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1)  # (N, K)
+        assign = np.where(lab, labels, d.argmin(1))
+        centres = np.stack([x[assign == k].mean(0) for k in range(8)])
+    final = np.where(lab, labels, ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1))
+    ours = semi_supervised_kmeans(x, 8, labels, init=init, max_iter=15, tol=0.0)
+    np.testing.assert_array_equal(ours.labels, final)
+    np.testing.assert_allclose(ours.centers, centres, atol=1e-4)
+    expected_inertia = ((x - centres[final]) ** 2).sum()
+    assert ours.inertia == pytest.approx(expected_inertia, rel=1e-5)

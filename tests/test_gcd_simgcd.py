@@ -120,6 +120,38 @@ def test_gcd_datamodule_bad_inputs(kwargs: dict, match: str) -> None:
         dm.setup("fit")
 
 
+class DigitsWithoutTrainingImagesOf(DigitsDataModule):
+    """Digits whose training split lacks some classes (they keep their names): a data set with gaps."""
+
+    def __init__(self, missing: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.missing = missing
+
+    def load_splits(self):
+        splits = super().load_splits()
+        train = splits.train
+        keep = ~torch.isin(torch.as_tensor(train.targets), torch.tensor(self.missing))
+        source = type(train)(train.images[keep], train.targets[keep], train.image_size, train.interpolation)
+        return splits._replace(train=source)
+
+
+@pytest.mark.parametrize(
+    ("missing", "kwargs", "match"),
+    [
+        # the base datamodule refuses classes without training images (new or known) before the split
+        ([5, 6, 7, 8, 9], {}, r"classes \['5', '6', '7', '8', '9'\] have no training samples"),
+        ([1], {}, r"classes \['1'\] have no training samples"),
+        ([], {"labelled_fraction": 0.001}, "labelled_fraction=0.001 labels no image of some known class"),
+    ],
+)
+def test_gcd_datamodule_data_without_new_or_known_images(missing: list, kwargs: dict, match: str) -> None:
+    options = dict(image_size=8, num_views=2, train_transforms=[v2.RandomResizedCrop(8, antialias=True)])
+    base = DigitsWithoutTrainingImagesOf(missing, **options)
+    dm = GCDDataModule(base, known_classes=[0, 1, 2, 3, 4], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        dm.setup("fit")
+
+
 def test_gcd_datamodule_needs_two_views() -> None:
     with pytest.raises(ValueError, match="num_views must be 2"):
         GCDDataModule(DigitsDataModule(image_size=8), known_classes=[0])

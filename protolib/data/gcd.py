@@ -155,6 +155,11 @@ class GCDDataModule(L.LightningDataModule):
         train: VisionDataset = self.base.train_dataset
         targets = mapping[train.targets.numpy()]  # (N,) new labels
         lab, unl = labelled_unlabelled_split(targets, range(len(known)), self.labelled_fraction, self.seed)
+        if any(np.sum(targets[lab] == c) == 0 for c in range(len(known))):
+            raise ValueError(
+                f"data.labelled_fraction={self.labelled_fraction} labels no image of some known class; "
+                "raise it (or use more images per class)"
+            )
         self.labelled_mask = np.zeros(len(train), dtype=bool)
         self.labelled_mask[lab] = True
         self.train_dataset = Relabelled(train, mapping, self.labelled_mask)

@@ -5,8 +5,13 @@ labelled points stay assigned to their class's cluster, those clusters start at 
 centres come from k-means++ on the unlabelled points, Lloyd iterations update every centre from all its
 members, and the best of ``n_init`` runs (lowest inertia) is kept; an empty cluster restarts at the farthest
 unlabelled point, as in scikit-learn (the reference's centre would become NaN). The nearest-centre search runs
-on a FAISS flat index (on the GPU when FAISS has one). ``estimate_num_clusters`` is the paper's Brent search
-over K of the clustering accuracy on the labelled subset (scipy `minimize_scalar(method="bounded")`).
+on a FAISS flat index (on the GPU when FAISS has one), and after the first step only for the points whose
+Hamerly bounds (distance to the own centre vs. to any other, moved by the centre shifts) no longer prove the
+assignment: the same labels as a full Lloyd step at a fraction of the cost once few points move. The run ends,
+as scikit-learn's, with an assignment step, so ``labels`` and ``inertia`` belong to the returned centres
+(Lloyd's inertia never rises, so this is the reference's best-of-iterations). ``estimate_num_clusters`` is the
+paper's Brent search over K of the clustering accuracy on the labelled subset (scipy
+`minimize_scalar(method="bounded")`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def check_features(features: Array, name: str = "features") -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {tuple(x.shape)}.")
+    if np.isfinite(x.sum(dtype=np.float64)):  # one pass; a NaN / inf anywhere makes the sum non-finite
+        return x
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise ValueError(
@@ -76,34 +83,35 @@ def kmeans_plus_plus(
     return np.stack(centers).astype(np.float32)
 
 
-def _nearest(x: np.ndarray, centers: np.ndarray, use_gpu: bool | None) -> tuple[np.ndarray, np.ndarray]:
-    """(squared distance (N,), index (N,)) of the nearest centre, through a FAISS flat L2 index."""
+def _nearest_two(x: np.ndarray, centers: np.ndarray, use_gpu: bool | None) -> tuple[np.ndarray, ...]:
+    """(index, distance, second-nearest distance), each (N,), of the centres, through a FAISS flat L2 index.
+
+    Distances are Euclidean (not squared), as the bounds of `_Assignment` need; inf without a second centre.
+    """
+    if len(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)
     index = build_index(centers.shape[1], "l2", "flat", use_gpu=use_gpu)
     index.add(centers)
-    dist, ids = index.search(x, 1)
-    return dist[:, 0], ids[:, 0]
+    dist, ids = index.search(x, min(2, len(centers)))  # (N, 2) squared distances
+    dist = np.sqrt(np.maximum(dist, 0.0))
+    second = dist[:, 1] if dist.shape[1] > 1 else np.full(len(x), np.inf, dtype=dist.dtype)
+    return ids[:, 0].astype(np.int64), dist[:, 0], second
 
 
-def _relocate_empty(
-    sums: np.ndarray, counts: np.ndarray, u_labels: np.ndarray, u_dist: np.ndarray, unlabelled: np.ndarray
-) -> None:
-    """Restart empty clusters at the unlabelled points farthest from their centres, as scikit-learn does.
+def _dist_to(
+    x: np.ndarray, centers: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, chunk: int = 4096
+) -> np.ndarray:
+    """Euclidean distance of rows ``rows`` (default: all) of ``x`` to their centres ``centers[labels[rows]]``.
 
-    The reference leaves an empty cluster's centre NaN; scikit-learn moves it to a far point and removes
-    that point from its donor cluster's sums (in place on ``sums`` (K, D) and ``counts`` (K,)).
+    Chunks of a few thousand rows keep the gathered rows in cache.
     """
-    empty = np.flatnonzero(counts == 0)
-    if empty.size == 0 or len(u_dist) == 0:
-        return
-    far = np.argsort(-u_dist, kind="stable")[: empty.size]
-    for cluster, point in zip(empty[: far.size], far, strict=True):
-        donor = int(u_labels[point])
-        if counts[donor] <= 1:
-            continue  # never empty a cluster to fill another
-        sums[donor] -= unlabelled[point]
-        counts[donor] -= 1
-        sums[cluster] = unlabelled[point]
-        counts[cluster] = 1
+    rows = np.arange(len(x)) if rows is None else rows
+    out = np.empty(len(rows), dtype=np.float32)
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        diff = x[part] - centers[labels[part]]
+        out[i : i + chunk] = np.sqrt(np.einsum("nd,nd->n", diff, diff))
+    return out
 
 
 @dataclass
@@ -117,6 +125,77 @@ class _Problem:
     order: np.ndarray  # (N,) original row of each labelled-then-unlabelled row
 
 
+class _Assignment:
+    """Nearest-centre assignment of the unlabelled rows, kept by Hamerly's bounds (J. Hamerly, SDM 2010).
+
+    Each row keeps an upper bound on the distance to its centre and a lower bound on the distance to every
+    other centre; after the centres move by ``shift`` the bounds move by the shifts, and only the rows whose
+    bounds no longer prove the assignment are searched again (FAISS). The assignment is Lloyd's exactly: a
+    skipped row provably keeps its nearest centre. Per-cluster sums follow the rows that changed cluster.
+    """
+
+    def __init__(self, x: np.ndarray, centers: np.ndarray, use_gpu: bool | None) -> None:
+        self.x, self.use_gpu = x, use_gpu
+        self.labels, self.upper, self.lower = _nearest_two(x, centers, use_gpu)
+        k = len(centers)
+        sums = torch.zeros(k, x.shape[1]).index_add_(0, torch.from_numpy(self.labels), torch.from_numpy(x))
+        self.sums = sums.double()  # (K, D); float64 from here on, as rows move in and out
+        self.counts = np.bincount(self.labels, minlength=k)
+
+    def move(self, rows: np.ndarray, to: np.ndarray) -> None:
+        """Reassign ``rows`` to clusters ``to``, updating the per-cluster sums and counts."""
+        changed = to != self.labels[rows]
+        rows, to = rows[changed], to[changed]
+        if rows.size == 0:
+            return
+        points = torch.from_numpy(self.x[rows]).double()
+        self.sums.index_add_(0, torch.from_numpy(self.labels[rows]), points, alpha=-1.0)
+        self.sums.index_add_(0, torch.from_numpy(to), points)
+        np.subtract.at(self.counts, self.labels[rows], 1)
+        np.add.at(self.counts, to, 1)
+        self.labels[rows] = to
+
+    def update(self, centers: np.ndarray, shift: np.ndarray) -> None:
+        """Re-assign after the centres moved by ``shift`` (K,) (Euclidean) to ``centers`` (K, D)."""
+        self.upper += shift[self.labels]
+        if len(shift) > 1:
+            top = np.argsort(shift)[-2:]  # the largest shift of another centre bounds the lower bound's loss
+            other = np.where(self.labels == top[1], shift[top[0]], shift[top[1]])
+            self.lower -= other
+        between = _pairwise_sq(centers)
+        np.fill_diagonal(between, np.inf)
+        half = 0.5 * np.sqrt(between.min(axis=1))  # (K,) a row this close to its centre stays there
+        rows = np.flatnonzero(self.upper > np.maximum(half[self.labels], self.lower))
+        if rows.size:
+            self.upper[rows] = _dist_to(self.x, centers, self.labels, rows)  # tighten, then test again
+            rows = rows[self.upper[rows] > np.maximum(half[self.labels[rows]], self.lower[rows])]
+        if rows.size:
+            labels, self.upper[rows], self.lower[rows] = _nearest_two(self.x[rows], centers, self.use_gpu)
+            self.move(rows, labels)
+
+    def relocate_empty(self, centers: np.ndarray, extra_counts: np.ndarray) -> None:
+        """Restart empty clusters at the unlabelled rows farthest from their centres, as scikit-learn does.
+
+        The reference leaves an empty cluster's centre NaN; scikit-learn moves it to a far point, taken from
+        a donor cluster that keeps at least one member. ``extra_counts`` (K,) are the labelled members.
+        """
+        empty = np.flatnonzero(self.counts + extra_counts == 0)
+        if empty.size == 0 or len(self.x) == 0:
+            return
+        dist = _dist_to(self.x, centers, self.labels)
+        for cluster, row in zip(empty, np.argsort(-dist, kind="stable")[: empty.size], strict=False):
+            if self.counts[self.labels[row]] + extra_counts[self.labels[row]] <= 1:
+                continue  # never empty a cluster to fill another
+            self.move(np.array([row]), np.array([cluster]))
+            self.upper[row], self.lower[row] = 0.0, 0.0  # it is its cluster's centre; search it next time
+
+
+def _pairwise_sq(a: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (K, K) between the rows of ``a``."""
+    sq = np.einsum("kd,kd->k", a, a)
+    return np.maximum(sq[:, None] - 2.0 * (a @ a.T) + sq[None, :], 0.0)
+
+
 def _fit_once(
     p: _Problem,
     k: int,
@@ -126,33 +205,37 @@ def _fit_once(
     use_gpu: bool | None,
     init: np.ndarray | None = None,
 ) -> KMeansResult:
+    """One Lloyd run from k-means++ (or ``init``); labels and inertia are those of the final centres."""
     pool = p.unlabelled if len(p.unlabelled) else p.labelled
     centers = kmeans_plus_plus(pool, k, rng, initial=p.class_means) if init is None else init.copy()
-    all_x = torch.from_numpy(np.concatenate([p.labelled, p.unlabelled]))  # (N, D), labelled first
-    best: KMeansResult | None = None
+    lab_cluster = torch.from_numpy(p.labelled_cluster)
+    lab_sums = torch.zeros(k, p.labelled.shape[1], dtype=torch.float64)
+    lab_sums.index_add_(0, lab_cluster, torch.from_numpy(p.labelled).double())  # fixed members: fixed sums
+    lab_counts = np.bincount(p.labelled_cluster, minlength=k)
+    unl = _Assignment(p.unlabelled, centers, use_gpu)
+    shift = np.zeros(k, dtype=np.float32)  # (K,) how far each centre moved in the last update
     for it in range(1, max_iter + 1):
-        u_dist, u_labels = (
-            _nearest(p.unlabelled, centers, use_gpu) if len(p.unlabelled) else (np.zeros(0), np.zeros(0, int))
-        )
-        l_dist = ((p.labelled - centers[p.labelled_cluster]) ** 2).sum(axis=1)
-        inertia = float(u_dist.sum() + l_dist.sum())
-        labels = np.concatenate([p.labelled_cluster, u_labels]).astype(np.int64)  # (N,)
-        sums = torch.zeros(k, all_x.shape[1]).index_add_(0, torch.from_numpy(labels), all_x).numpy()  # (K, D)
-        counts = np.bincount(labels, minlength=k)
-        _relocate_empty(sums, counts, u_labels, u_dist, p.unlabelled)
-        new_centers = centers.copy()
+        if it > 1:
+            unl.update(centers, shift)
+        unl.relocate_empty(centers, lab_counts)
+        counts = unl.counts + lab_counts
         filled = counts > 0
-        new_centers[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-        if best is None or inertia < best.inertia:
-            best = KMeansResult(labels, new_centers.copy(), inertia, it)
-        shift = float(np.sqrt(((new_centers - centers) ** 2).sum(axis=1)).sum())
+        new_centers = centers.copy()
+        new_centers[filled] = ((unl.sums + lab_sums)[filled].numpy() / counts[filled, None]).astype(
+            np.float32
+        )
+        shift = np.sqrt(((new_centers - centers) ** 2).sum(axis=1))  # (K,)
         centers = new_centers
-        if shift**2 < tol:
+        if float(shift.sum()) ** 2 < tol:
             break
-    assert best is not None
-    out = np.empty_like(best.labels)
-    out[p.order] = best.labels  # back to the caller's row order
-    return KMeansResult(out, best.centers, best.inertia, it)
+    unl.update(centers, shift)  # the final assignment step, as scikit-learn's: labels of the final centres
+    u_dist = _dist_to(p.unlabelled, centers, unl.labels)
+    l_dist = _dist_to(p.labelled, centers, p.labelled_cluster)
+    inertia = float((u_dist.astype(np.float64) ** 2).sum() + (l_dist.astype(np.float64) ** 2).sum())
+    labels = np.concatenate([p.labelled_cluster, unl.labels]).astype(np.int64)  # labelled first
+    out = np.empty_like(labels)
+    out[p.order] = labels  # back to the caller's row order
+    return KMeansResult(out, centers, inertia, it)
 
 
 def semi_supervised_kmeans(
@@ -193,7 +276,7 @@ def semi_supervised_kmeans(
         np.stack([x[lab][cluster_of == i].mean(axis=0) for i in range(len(known))]) if len(known) else None
     )
     problem = _Problem(
-        unlabelled=x[unl],
+        unlabelled=x if len(lab) == 0 else x[unl],  # no copy without labels
         labelled=x[lab],
         labelled_cluster=cluster_of,
         class_means=np.zeros((0, x.shape[1]), np.float32) if means is None else means.astype(np.float32),
