@@ -94,6 +94,7 @@ def test_hue_saturation_contrast_match_colorsys_and_the_blend_formulas(rgb: torc
         assert np.allclose(modify(rgb, "saturation")[b].numpy(), expected, atol=1e-6)
         expected = np.clip(0.45 * x[b] + 0.55 * gray.mean(), 0, 1)
         assert np.allclose(modify(rgb, "contrast")[b].numpy(), expected, atol=1e-6)
+    assert np.allclose(modify(rgb, "brightness").numpy(), np.clip(0.8 * x, 0, 1), atol=1e-6)  # the code's 6th
     assert characteristics_for(1) == ("shape", "texture", "contrast")
     assert characteristics_for(3) == ("hue", "shape", "texture", "contrast", "saturation")
     with pytest.raises(ValueError, match="unknown characteristic 'colour'"):
