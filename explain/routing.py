@@ -364,26 +364,22 @@ def render_routing_checkpoint(
     checkpoint: str | Path, out_dir: str | Path | None = None, num_maps: int = 16, per_expert: int = 8
 ) -> list[Path]:
     """Routing explanations of an MoE checkpoint written by train.py, with the data it was trained on."""
-    from hydra.utils import instantiate
+    from explain.families import load
 
-    from protolib.lit.checkpoint import load_module
-
-    module = load_module(checkpoint)
-    net = getattr(module, "net", None)
+    explained = load(checkpoint)
+    net, datamodule = explained.net, explained.datamodule
     if not isinstance(net, MoEViT) or not net.moe_blocks:
         raise ValueError(
             f"checkpoint {checkpoint} holds a {type(net).__name__} without MoE layers; routing explanations "
             "need an MoE ViT (e.g. experiment=promoe_vit_digits)"
         )
-    datamodule = instantiate(module.build_config["data"])
-    datamodule.setup("fit")
     return render_routing(
         net,
         datamodule.push_dataloader().dataset,
         datamodule.test_dataset,
         out_dir or default_out_dir(checkpoint),
         datamodule.denormalize,
-        class_names=datamodule.class_names,
+        class_names=explained.class_names,
         num_maps=num_maps,
         per_expert=per_expert,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -239,3 +240,45 @@ def test_bank_nearest_samples_is_the_brute_force_reverse_search() -> None:
     torch.testing.assert_close(distances, want.values)
     _, few = bank.nearest_samples([(embeddings[:2], torch.zeros(2), torch.arange(2))], k=3)
     assert (few[:, 2] == -1).all()  # fewer samples than k: the rest is -1
+
+
+VARIANTS = {  # experiment -> family: every network on main that explain covers, from its own config
+    "tesnet_parts": "protopnet",
+    "st_protopnet_parts": "protopnet",
+    "deformable_protopnet_parts": "protopnet",
+    "cbc_parts": "protopnet",
+    "protopool_parts": "protopnet",
+    "pipnet_parts": "protopnet",
+    "prototree_parts": "prototree",
+    "softmax_moe_vit_parts": "routing",
+    "dense_vit_parts": "routing",
+}
+
+
+@pytest.mark.parametrize("experiment", list(VARIANTS))
+def test_every_variant_has_prototypes_and_local_explanations(experiment: str, tmp_path: Path) -> None:
+    from config_helpers import compose_config
+
+    from explain.families import Explained, NotApplicable
+
+    tiny = ["data.num_classes=3", "data.train_per_class=4", "data.val_per_class=1", "data.test_per_class=2"]
+    cfg = compose_config(tmp_path, f"experiment={experiment}", "data.image_size=16", *tiny)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    build = {"num_classes": 3, "in_channels": 3, "image_size": 16}
+    torch.manual_seed(0)
+    module = build_module(cfg.model, build).eval()
+    if hasattr(module.net, "push"):
+        with warnings.catch_warnings():  # more prototypes than images: some pushes warn, rightly
+            warnings.simplefilter("ignore", UserWarning)
+            module.net.push(datamodule.push_dataloader())
+    explained = Explained(module, datamodule, family_of(module, datamodule))
+    assert explained.family.name == VARIANTS[experiment]
+    if experiment == "dense_vit_parts":
+        with pytest.raises(NotApplicable, match="dense ViT has no experts"):
+            explain_prototypes(explained, tmp_path / "prototypes")
+    else:
+        pictures = explain_prototypes(explained, tmp_path / "prototypes")
+        assert pictures and all(Image.open(p.path).size[0] > 0 for p in pictures)
+    local = explain_local(explained, 0, tmp_path / "local.png")
+    assert Image.open(local.picture).size[0] > 0 and local.summary
