@@ -140,6 +140,7 @@ def digits_features(seed: int) -> tuple[Any, dict[str, np.ndarray]]:
 def bench_digits(methods: list[str]) -> dict[str, Any]:
     rows: dict[str, list[tuple[float, float, float]]] = {}
     k_found: list[int] = []
+    k_trained: dict[str, list[int]] = {}
     for seed in SEEDS:
         dm, data = digits_features(seed)
         y, lab = data["y"], dm.labelled_mask
@@ -164,12 +165,14 @@ def bench_digits(methods: list[str]) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
                 cfg = compose("config", overrides=[
                     f"experiment={method}_digits", f"seed={seed}", f"data.seed={seed}", f"output_dir={tmp}",
-                    "logger=null", "trainer.enable_progress_bar=false",
+                    "~logger", "+trainer.enable_progress_bar=false",
                 ])  # fmt: skip
                 metrics = run(cfg)
             rows.setdefault(method, []).append(
                 (metrics["test/all_acc"], metrics["test/old_acc"], metrics["test/new_acc"])
             )
+            if "test/estimated_k" in metrics:  # Vaze's estimate on the method's trained features
+                k_trained.setdefault(method, []).append(int(metrics["test/estimated_k"]))
     print("\ndigits GCD (0-4 known, 50 % labelled, 5-9 new), v2 on the unlabelled training images, 3 seeds")
     print(f"  {'method':<34}{'All':>14}{'Old':>14}{'New':>14}")
     table = {}
@@ -179,7 +182,9 @@ def bench_digits(methods: list[str]) -> dict[str, Any]:
         cells = "".join(f"{m:>8.3f}±{s:.3f}" for m, s in zip(v.mean(0), v.std(0), strict=True))
         print(f"  {name:<34}{cells}")
     print(f"  Vaze K estimate (raw pixels, Brent over [5, 30]): {k_found}")
-    return {"table": table, "vaze_k_raw_pixels": k_found}
+    for method, ks in k_trained.items():
+        print(f"  Vaze K estimate ({method}'s trained features): {ks}")
+    return {"table": table, "vaze_k_raw_pixels": k_found, "vaze_k_trained": k_trained}
 
 
 def main() -> None:

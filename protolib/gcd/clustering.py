@@ -312,9 +312,9 @@ def estimate_num_clusters(
     k_min: int | None = None,
     k_max: int = 100,
     cluster: Callable[[np.ndarray, int], np.ndarray] | None = None,
-    n_init: int = 3,
-    max_iter: int = 100,
-    xatol: float = 0.5,
+    n_init: int = 10,
+    max_iter: int = 300,
+    xatol: float = 1e-5,
     seed: int = 0,
 ) -> KEstimate:
     """Vaze et al.'s class-number estimate: the K in [k_min, k_max] that maximises labelled cluster accuracy.
@@ -322,8 +322,11 @@ def estimate_num_clusters(
     Every row (labelled and unlabelled) is clustered with plain k-means (L2-normalised features, as the
     reference), and the clustering is scored on the labelled rows only (``labels`` >= 0) with the Hungarian
     accuracy; Brent's bounded method searches K, rounding each trial down as the reference's ``int(K)``, and
-    its answer is ``int(res.x)``. ``k_min`` defaults to the number of labelled classes. The k-means (FAISS,
-    ``n_init`` k-means++ starts of ``max_iter`` Lloyd steps) can be replaced by ``cluster(x, k) -> labels``.
+    its answer is ``int(res.x)``. ``k_min`` defaults to the number of labelled classes. The defaults are the
+    reference's: scikit-learn ``KMeans(K, random_state=0)`` (10 k-means++ starts, 300 iterations, the same
+    seed for every K; here on FAISS) and scipy's ``xatol`` (1e-5). On a plateau of equal accuracy Brent
+    moves to the newest point (``fu <= fx``), as in the reference. ``cluster(x, k) -> labels`` replaces the
+    k-means.
     """
     x = check_features(features)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
