@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from explain.prototypes import pushed_provenance
+from explain.scores.registry import ScoreSpec, register
 from protolib.models.protopnet import ProtoPNet
 
 
@@ -103,3 +105,35 @@ def prototype_part_score(
         per_prototype=box_part_fractions(provenance["activation_box"], masks, owners, class_parts),
         image_fraction=box_part_fractions(full, masks, owners, class_parts),
     )
+
+
+def part_score(
+    net: torch.nn.Module, datamodule: Any, max_images: int = 200, progress: bool = True
+) -> dict[str, float]:
+    """The registered form of :func:`prototype_part_score` on the push data (``max_images`` and ``progress``
+    do not apply: one source image per prototype)."""
+    score = prototype_part_score(net, datamodule.push_dataloader().dataset, datamodule.class_parts)
+    return {"mean": score.mean, "image_mean": score.image_mean}
+
+
+def part_score_unavailable(net: torch.nn.Module, datamodule: Any) -> str | None:
+    """Why the part score does not apply: no prototype provenance, or data without part masks."""
+    if not hasattr(net, "provenance") or getattr(net, "prototype_bank", None) is None:
+        return f"{type(net).__name__} records no prototype source patches"
+    if not hasattr(datamodule, "class_parts"):
+        return f"{type(datamodule).__name__} has no part masks (class_parts): use the parts data"
+    return None
+
+
+register(
+    "part_score",
+    ScoreSpec(
+        compute=part_score,
+        unavailable=part_score_unavailable,
+        higher_is_better=True,
+        description=(
+            "mean fraction of each prototype's high-activation box (on its source image) on its class's "
+            "defining parts (image_mean: the same over whole images, the level to beat)"
+        ),
+    ),
+)
