@@ -7,7 +7,7 @@ and its data; :func:`score_model` runs every score that applies (or the ones nam
 
 from __future__ import annotations
 
-from explain.scores import consistency, deletion, parts, pointing, sparsity  # noqa: F401  (they register)
+from explain.scores import because, consistency, deletion, parts, pointing, sparsity  # noqa: F401  (register)
 from explain.scores.parts import (
     PartScore,
     box_fractions,
@@ -28,5 +28,3 @@ __all__ = [
     "register",
     "score_model",
 ]
-
-from explain.scores import because  # noqa: E402, F401  (registers the score)

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from explain.scores import ScoreSpec, register
+from explain.scores.registry import ScoreSpec, register
 from protolib.data.base import VisionDataModule
 from protolib.utils.io import atomic_savefig
 from protolib.utils.modes import evaluating
