@@ -275,3 +275,19 @@ def test_gpc_em_run_changes_k_through_the_bank_and_reports_it(tmp_path) -> None:
     assert metrics["test/estimated_k"] == bank.num_prototypes == module.k_history[-1][1]
     assert 0.0 <= metrics["test/all_acc"] <= 1.0
     assert (tmp_path / "k_over_epochs.png").stat().st_size > 0
+
+
+def test_principal_components_match_sklearn_and_map_back() -> None:
+    from sklearn.decomposition import PCA
+
+    from protolib.gcd.gmm import principal_components
+
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]).double()
+    z, embed = principal_components(x, 3)
+    expected = PCA(3).fit_transform(x.numpy())
+    np.testing.assert_allclose(np.abs(z.numpy()), np.abs(expected), atol=1e-8)  # axes up to sign
+    back = PCA(3).fit(x.numpy())
+    np.testing.assert_allclose(embed(z).numpy(), back.inverse_transform(back.transform(x.numpy())), atol=1e-8)
+    same, identity = principal_components(x, None)
+    assert same is x and identity(x) is x

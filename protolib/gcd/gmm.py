@@ -25,7 +25,7 @@ restarts every E-step from ``--num_cluster``, so K never accumulates).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -323,14 +323,20 @@ def _two_means(members: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def apply_moves(
-    bank: PrototypeBank, centres: torch.Tensor, moves: Moves, step: int | None = None
+    bank: PrototypeBank,
+    centres: torch.Tensor,
+    moves: Moves,
+    step: int | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Carry ``moves`` out on ``bank`` (one prototype per cluster, row = cluster id) with its split, merge
     and remove; returns the new centres (K', D) in the bank's new row order (labelled clusters stay first).
 
     Split children take the 2-means halves' posterior means; a merge the plain mean of the two centres (the
-    reference's ``(c1 + c2) / 2``). Each prototype ends as its own cluster (owners ``0..K'-1``).
+    reference's ``(c1 + c2) / 2``). Each prototype ends as its own cluster (owners ``0..K'-1``), its
+    vector the normalised ``embed(centre)`` (``embed`` maps the fitting space to the bank's; identity).
     """
+    embed = embed or (lambda rows: rows)
     if bank.num_prototypes != centres.shape[0]:
         raise ValueError(
             f"the bank holds {bank.num_prototypes} prototypes but the E-step fitted {centres.shape[0]} "
@@ -338,7 +344,7 @@ def apply_moves(
         )
     rows = [c.double() for c in centres]
     for c, children in moves.splits.items():
-        bank.split(c, direction=(children[0] - children[1]).float() / 2, step=step)
+        bank.split(c, direction=(embed(children[:1]) - embed(children[1:])).float() / 2, step=step)
         rows[c] = children[0]
         rows.append(children[1])
     position = list(range(bank.num_prototypes))  # cluster id before the moves -> current bank row
@@ -357,7 +363,7 @@ def apply_moves(
         keep_rows(bank.remove([position[c] for c in moves.empty], allow_empty_owners=True))
     new = torch.stack(rows)  # (K', D)
     with torch.no_grad():
-        bank.vectors.copy_(F.normalize(new.float(), dim=1).to(bank.vectors))
+        bank.vectors.copy_(F.normalize(embed(new).float(), dim=1).to(bank.vectors))
         bank.owners.copy_(torch.arange(bank.num_prototypes, device=bank.owners.device))
     return new
 
@@ -415,7 +421,9 @@ class GPCEStep:
     ``alpha`` the Dirichlet-process concentration of the Hastings ratios (1.0); ``split_prob`` /
     ``merge_prob`` the probability of accepting a move whose ratio is below 1 (0.1; ``None``: accept with
     the ratio, Metropolis-Hastings); NIW ``kappa`` 1e-4, ``nu`` D + 1 (null), ``sigma_scale`` 0.005;
-    ``n_init`` k-means restarts (10); ``temperature`` the mean concentration (``--temperature`` 1.0).
+    ``n_init`` k-means restarts (10); ``temperature`` the mean concentration (``--temperature`` 1.0);
+    ``pca_dim``: fit the mixture on the features' top principal components, as the paper describes (the
+    code fits on the full features: null); the prototypes are then the centres mapped back.
     """
 
     alpha: float = 1.0
@@ -428,6 +436,7 @@ class GPCEStep:
     n_init: int = 10
     max_iter: int = 100
     temperature: float = 1.0
+    pca_dim: int | None = None
     seed: int = 0
 
     def __call__(
@@ -442,7 +451,7 @@ class GPCEStep:
         """Fit the mixture on L2-normalised ``features`` (N, D) with ``labels`` (N,; -1: unlabelled, known
         classes ``0..num_known-1``), split / merge, and write the new clusters into ``bank`` (K: its size)."""
         x = torch.from_numpy(check_features(features, "GPC E-step features"))
-        x = F.normalize(x, dim=1)
+        x, embed = principal_components(F.normalize(x, dim=1).double(), self.pca_dim)
         y = torch.as_tensor(labels).long().reshape(-1)
         k = bank.num_prototypes
         if k < num_known:
@@ -459,7 +468,22 @@ class GPCEStep:
             x, assign, centres, mixture, prior, num_known, self.alpha, self.split_prob, self.merge_prob,
             self.min_size, self.seed, generator,
         )  # fmt: skip
-        new = apply_moves(bank, centres, moves, step)
+        new = apply_moves(bank, centres, moves, step, embed)
         assign = assign_to_centres(x, new, y)
         phi = cluster_concentration(x, new, assign, self.temperature)
-        return EStepResult(new.float(), assign, phi.float(), moves, k, log_lik)
+        return EStepResult(embed(new).float(), assign, phi.float(), moves, k, log_lik)
+
+
+def principal_components(
+    x: torch.Tensor, dim: int | None
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` (N, D) on its top ``dim`` principal axes (N, dim) and the map of such rows back to (., D)
+    (mean + rows @ axes.T); ``dim=None`` (or >= D): ``x`` itself and the identity."""
+    if dim is None or dim >= x.shape[1]:
+        return x, lambda rows: rows
+    if dim < 1:
+        raise ValueError(f"pca_dim must be >= 1 (or null for the full features), got {dim}")
+    mean = x.mean(dim=0)
+    _, vecs = torch.linalg.eigh((x - mean).T @ (x - mean))  # ascending eigenvalues
+    axes = vecs[:, -dim:].flip(1)  # (D, dim), largest first
+    return (x - mean) @ axes, lambda rows: mean + rows.double() @ axes.T
