@@ -291,3 +291,38 @@ def test_principal_components_match_sklearn_and_map_back() -> None:
     np.testing.assert_allclose(embed(z).numpy(), back.inverse_transform(back.transform(x.numpy())), atol=1e-8)
     same, identity = principal_components(x, None)
     assert same is x and identity(x) is x
+
+
+@pytest.mark.parametrize("name", ["gpc_digits", "gpc_digits_unknown_k", "gpc_cifar100"])
+def test_gpc_experiments_compose(tmp_path, name: str) -> None:
+    from tests.config_helpers import compose_config
+
+    cfg = compose_config(tmp_path, f"experiment={name}")
+    assert cfg.model._target_ == "protolib.lit.gpc.GPCModule" and cfg.model.sup_weight == 0.35
+    assert cfg.model.net.learnable_prototypes is False and cfg.callbacks.gpc_schedule is not None
+    assert cfg.data._target_ == "protolib.data.gcd.GCDDataModule" and cfg.data.labelled_fraction == 0.5
+    if name == "gpc_cifar100":
+        assert cfg.model.net.trainable_blocks == 1 and cfg.model.net.pretrained
+        assert cfg.data.known_classes == 80 and cfg.data.base.batch_size == 256
+    else:
+        assert cfg.model.net.num_classes == (20 if name.endswith("unknown_k") else 10)
+
+
+def test_train_py_runs_gpc_from_a_wrong_k_and_writes_k(tmp_path) -> None:
+    import json
+
+    from protolib.cli.train import run
+    from tests.config_helpers import compose_config
+
+    cfg = compose_config(
+        tmp_path, "experiment=gpc_digits_unknown_k", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "model.net.head_hidden_dim=32",
+        "model.net.head_bottleneck_dim=16", "model.e_step.n_init=2", "callbacks.cluster_gallery=null",
+        "callbacks.gpc_schedule.warmup_epochs=1",
+    )  # fmt: skip
+    run(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/all_acc", "test/old_acc", "test/new_acc", "test/estimated_k"):
+        assert key in saved
+    assert 5 <= saved["test/estimated_k"] <= 40  # K after the E-steps (after epoch 0 and the last)
+    assert (tmp_path / "k_over_epochs.png").stat().st_size > 0
