@@ -35,6 +35,13 @@ MODELS = {
 }
 
 
+def score_margin(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Best wrong-class score minus the own class's, per row of scores (B, C): > 0 means misclassified."""
+    own = scores.gather(1, labels[:, None])[:, 0]  # (B,)
+    wrong = scores.masked_fill(F.one_hot(labels, scores.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return wrong - own
+
+
 def l2_pgd(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -43,13 +50,16 @@ def l2_pgd(
     steps: int = 10,
     step_size: float | None = None,
 ) -> torch.Tensor:
-    """Untargeted L2 PGD: ``steps`` normalised-gradient ascent steps on the cross-entropy of ``logits_fn``,
-    each projected back onto the L2 ball of radius ``eps`` around ``images`` (B, ...); returns the attacked
-    images. The step defaults to ``2.5 eps / steps``."""
+    """Untargeted L2 PGD: ``steps`` normalised-gradient ascent steps on the margin ``max_{c != y} s_c - s_y``
+    of the scores ``logits_fn`` returns, each projected back onto the L2 ball of radius ``eps`` around
+    ``images`` (B, ...); returns the attacked images. The step defaults to ``2.5 eps / steps``. The margin,
+    not the cross-entropy, because the CBC / RBF heads output class probabilities: the cross-entropy of those
+    (a softmax over values in [0, 1]) is nearly flat and would attack them more weakly than ProtoPNet's
+    logits."""
     step_size = 2.5 * eps / steps if step_size is None else step_size
     delta = torch.zeros_like(images, requires_grad=True)
     for _ in range(steps):
-        loss = F.cross_entropy(logits_fn(images + delta), labels)
+        loss = score_margin(logits_fn(images + delta), labels).sum()
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (images.dim() - 1))

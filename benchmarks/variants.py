@@ -6,9 +6,13 @@ kept, the explanation part score on parts, and the train-step time against Proto
     PYTHONPATH=. python benchmarks/variants.py --quick       # smoke size (its numbers mean nothing)
 
 A variant ``<name>`` is measured through its shipped experiments ``<name>_digits`` and ``<name>_parts``
-(train.py's ``run``, CPU, the best pushed checkpoint tested). Add a variant by adding its name to VARIANTS.
+(train.py's ``run``, CPU, the best pushed checkpoint tested); each run keeps its folder (checkpoints, logs,
+pictures) under ``--runs`` as ``<name>_<data>_s<seed>``. Add a variant by adding its name to VARIANTS.
 The part score is ``explain.scores.prototype_part_score``: the mean fraction of each prototype's
 high-activation box on its class's defining parts (image_mean: what boxes covering the whole image score).
+The push-quality measures of ``explain.push_quality`` come from the same checkpoint, on both data sets:
+``background_share`` (prototypes whose box holds < 10 % object pixels), ``duplicates`` (prototypes on a
+patch another prototype of their class took) and ``distinct_sources_mean`` (source images per class).
 The step time is one joint-phase training step (forward, loss, backward, Adam step) of the parts model
 (small CNN, 3 x 32 x 32, batch 64) on random images. Prints a table and writes JSON atomically to
 benchmarks/results/variants.json (variants_quick.json with --quick); the thread count is recorded.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,15 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.protopnet import QUICK_SCHEDULE, images_per_second
 from explain.prototypes import load_checkpoint
+from explain.push_quality import datamodule_push_quality
 from explain.scores import prototype_part_score
 from protolib.cli.train import CONFIG_DIR, run
 from protolib.lit.checkpoint import build_module
 from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent.parent / "outputs" / "variants"
+QUALITY = ("background_share", "duplicates", "distinct_sources_mean", "zero_part_share")
 # Variants measured, each with experiments <name>_digits and <name>_parts; ProtoPNet is the reference row.
 VARIANTS = [
     "protopnet",
@@ -69,31 +75,36 @@ def compose_experiment(name: str, overrides: list[str], output_dir: str | None =
         return compose("config", overrides=[f"experiment={name}", *fixed, *overrides])
 
 
-def train_once(variant: str, dataset: str, seed: int, overrides: list[str]) -> dict[str, Any]:
-    """Train and test ``experiment=<variant>_<dataset>`` with ``seed``: test accuracy, wall time, prototypes
-    kept, and on parts the part score of the best (pushed) checkpoint."""
-    with tempfile.TemporaryDirectory() as out:
-        cfg = compose_experiment(f"{variant}_{dataset}", [f"seed={seed}", *overrides], out)
-        start = time.perf_counter()
-        metrics = run(cfg)
-        seconds = time.perf_counter() - start
-        (checkpoint,) = Path(out, "checkpoints").glob("best-*.ckpt")
-        module, datamodule = load_checkpoint(checkpoint)
-        row = {
-            "variant": variant,
-            "dataset": dataset,
-            "seed": seed,
-            "test_acc": metrics["test/acc"],
-            "seconds": seconds,
-            "prototypes": prototypes_in_use(module.net),
-        }
-        # ProtoTree: its deterministic routings beside the soft one
-        row.update({k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/acc_")})
-        if dataset == "parts":
-            score = prototype_part_score(
-                module.net, datamodule.push_dataloader().dataset, datamodule.class_parts
-            )
-            row.update(part_score=score.mean, part_image_mean=score.image_mean)
+def train_once(variant: str, dataset: str, seed: int, overrides: list[str], runs: Path) -> dict[str, Any]:
+    """Train and test ``experiment=<variant>_<dataset>`` with ``seed`` in the folder
+    ``runs/<variant>_<dataset>_s<seed>``: test accuracy, wall time, prototypes kept, the push-quality
+    measures and on parts the part score of the best (pushed) checkpoint."""
+    out = runs / f"{variant}_{dataset}_s{seed}"
+    if out.exists():
+        raise SystemExit(f"{out} exists: move it away or pass another --runs folder")
+    cfg = compose_experiment(f"{variant}_{dataset}", [f"seed={seed}", *overrides], str(out))
+    start = time.perf_counter()
+    metrics = run(cfg)
+    seconds = time.perf_counter() - start
+    (checkpoint,) = Path(out, "checkpoints").glob("best-*.ckpt")
+    module, datamodule = load_checkpoint(checkpoint)
+    row = {
+        "variant": variant,
+        "dataset": dataset,
+        "seed": seed,
+        "test_acc": metrics["test/acc"],
+        "seconds": seconds,
+        "prototypes": prototypes_in_use(module.net),
+        "run": str(out),
+    }
+    # ProtoTree: its deterministic routings beside the soft one
+    row.update({k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/acc_")})
+    quality = datamodule_push_quality(module.net, datamodule).summary()
+    row.update({name: quality[name] for name in QUALITY if name in quality})
+    if dataset == "parts":
+        score = prototype_part_score(module.net, datamodule.push_dataloader().dataset, datamodule.class_parts)
+        row.update(part_score=score.mean, part_image_mean=score.image_mean)
+    print(row, flush=True)
     return row
 
 
@@ -127,6 +138,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the run folders are kept")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few batches, one seed")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -141,7 +153,9 @@ def main() -> None:
         "seeds": seeds,
     }
     rows = [
-        train_once(variant, dataset, seed, QUICK.get(variant, QUICK_SCHEDULE) if args.quick else [])
+        train_once(
+            variant, dataset, seed, QUICK.get(variant, QUICK_SCHEDULE) if args.quick else [], args.runs
+        )
         for variant in args.variants
         for dataset in args.datasets
         for seed in seeds
@@ -162,13 +176,16 @@ def main() -> None:
         entry["prototypes"] = max(r["prototypes"] for r in rows if r["variant"] == variant)
         entry["part_score"], entry["part_score_std"] = summarise(rows, variant, "parts", "part_score")
         entry["part_image_mean"], _ = summarise(rows, variant, "parts", "part_image_mean")
+        for dataset in DATASETS:
+            for name in QUALITY:
+                entry[f"{dataset}_{name}"], _ = summarise(rows, variant, dataset, name)
         table.append(entry)
     report["table"] = table
 
     print(f"\n{len(seeds)} seed(s), {report['threads']} thread(s)")
     print(
         "variant        digits acc      parts acc       train s (d/p)   protos  part score (image)  "
-        "step ms  vs ProtoPNet"
+        "step ms  vs ProtoPNet  background (d/p)  dups (d/p)"
     )
     for e in table:
         print(
@@ -176,7 +193,9 @@ def main() -> None:
             f"{e['parts_acc']:.3f} ± {e['parts_acc_std']:.3f}  "
             f"{e['digits_seconds']:>6.0f} / {e['parts_seconds']:<6.0f} {e['prototypes']:>6}  "
             f"{e['part_score']:.3f} ({e['part_image_mean']:.3f})       "
-            f"{1000 * e['step_s']:>7.1f}  {e['step_vs_protopnet']:>6.2f}x"
+            f"{1000 * e['step_s']:>7.1f}  {e['step_vs_protopnet']:>6.2f}x      "
+            f"{e['digits_background_share']:.2f} / {e['parts_background_share']:.2f}      "
+            f"{e['digits_duplicates']:.1f} / {e['parts_duplicates']:.1f}"
         )
     path = RESULTS / (args.output or ("variants_quick.json" if args.quick else "variants.json"))
     atomic_write_json(path, report)
