@@ -65,6 +65,11 @@ def test_configs_compose(tmp_path: Path) -> None:
         cfg = compose_config(tmp_path, f"experiment=cbc_{name}")
         module = build_module(cfg.model, {"num_classes": 10, "in_channels": channels, "image_size": 16})
         assert isinstance(module.net, CBCNet) and len(module.schedule.plan()) == cfg.trainer.max_epochs
+    cub = compose_config(tmp_path, "experiment=cbc_cub")  # the reference's cub_resnet_config_base.yaml
+    assert (cub.model.net.backbone, cub.model.net.pretrained, cub.data.batch_size) == ("resnet50", True, 40)
+    assert (cub.data.crop, cub.data.image_size, cub.model.schedule.train_epochs) == (True, 224, 158)
+    schedule = instantiate(cub.model.schedule)
+    assert len(schedule.plan()) == cub.trainer.max_epochs == 158 + 96
 
 
 def test_train_py_runs_cbc_and_rbf_with_pictures_and_explain(tmp_path: Path) -> None:
