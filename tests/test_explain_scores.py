@@ -4,6 +4,7 @@ inputs (numpy / scipy / loops written out here), and every score through the reg
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,12 +163,12 @@ def test_mask_part_points_are_part_centroids() -> None:
 
 
 def reference_proto_to_part(
-    maps: np.ndarray, parts: list[list[tuple[int, int, int]]], half: int
+    maps: np.ndarray, parts: list[list[tuple[int, int, int]]], half: int, num_parts: int = 4
 ) -> np.ndarray:
     """EvalProtoPNet's loop, written out: box (y1, y2, x1, x2) around the first maximum, clipped, parts whose
     (x, y) is inside with inclusive edges."""
     n, size, _ = maps.shape
-    out = np.zeros((n, 4))
+    out = np.zeros((n, num_parts))
     for i in range(n):
         where = np.where(maps[i] == maps[i].max())
         y, x = where[0][0], where[1][0]
@@ -272,3 +273,30 @@ def test_networks_without_similarity_maps_are_told_why() -> None:
     net.prototype_bank = None
     reason = SCORES["deletion"].unavailable(net, tiny_parts())
     assert reason is not None and "no spatial prototype similarity maps" in reason
+
+
+def test_consistency_on_cub_part_locations(tmp_path: Path) -> None:
+    from test_data_cub import make, write_cub
+
+    from explain.scores.consistency import consistency_and_stability, part_coverage
+    from protolib.models.protopnet import ProtoPNet, upsample_maps
+
+    dm = make(write_cub(tmp_path), batch_size=4)
+    torch.manual_seed(0)
+    net = ProtoPNet(3, image_size=20, backbone="small_cnn", prototypes_per_class=2, prototype_dim=4).eval()
+    coverage = part_coverage(net, dm, max_images=10, progress=False, half_size=4)
+    # brute force: every test image against the prototypes of its class, the reference loop on its part_locs
+    expected_rows, expected_protos = [], []
+    for i in range(len(dm.test_dataset)):
+        item = dm.test_dataset[i]
+        with torch.no_grad():
+            maps = upsample_maps(net(item["image"][None]).similarity_maps[0], (20, 20)).numpy()  # (P, H, W)
+        labels = [(k, x, y) for k, (x, y, v) in enumerate(item["part_locs"].tolist()) if v > 0]
+        for p in (net.owners == item["label"]).nonzero().flatten().tolist():
+            expected_rows.append(reference_proto_to_part(maps[p : p + 1], [labels], 4, num_parts=3)[0])
+            expected_protos.append(p)
+    assert coverage.prototype.tolist() == expected_protos
+    np.testing.assert_array_equal(coverage.covered.numpy(), np.stack(expected_rows))
+    scores = consistency_and_stability(net, dm, max_images=10, progress=False, half_size=4)
+    assert scores["consistency"] == consistency_score(coverage)
+    assert 0.0 <= scores["stability"] <= 1.0
