@@ -119,3 +119,44 @@ def test_short_training_on_parts_raises_accuracy(tmp_path: Path) -> None:
     before = torch.cat(hits).mean().item()
     after = run(cfg)["test/acc"]
     assert after > before + 0.2 and after > 0.35, (before, after)  # chance is 0.1 on 10 classes
+
+
+def test_pipnet_objective_with_the_cbc_class_loss() -> None:
+    """model=cbc_pipnet: PIP-Net's loss on a CBC network's two views, its class term the margin loss."""
+    net = make_net().train()
+    views = torch.rand(6, 1, 16, 16)  # 3 images x 2 views, first views first
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = net.extract(views)
+    presence = torch.softmax(net.embed(views), dim=1)  # (6, K, h, w): components = the channels at init
+    torch.testing.assert_close(out["presence_maps"], presence)
+    loss = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "model" / "cbc_pipnet.yaml").loss)
+    loss.set_weights({"align": 1.0, "tanh": 5.0, "classification": 1.0})
+    total, terms = loss(out, labels, net)
+    p = out["logits"]  # (6, C) class probabilities
+    own = p[torch.arange(6), labels]
+    wrong = p.masked_fill(torch.nn.functional.one_hot(labels, 3).bool(), -1.0).max(dim=1).values
+    torch.testing.assert_close(terms["classification"], torch.relu(wrong - own + 0.025).mean())
+    z1, z2 = (m.flatten(2).transpose(1, 2).reshape(-1, m.shape[1]) for m in presence.chunk(2))
+    align = -(torch.log((z1 * z2).sum(1)).mean())  # both directions equal in value
+    tanh = -torch.log(torch.tanh(out["pooled"][:3].sum(0))).mean() - torch.log(
+        torch.tanh(out["pooled"][3:].sum(0))
+    ).mean()
+    torch.testing.assert_close(terms["align"], align)
+    torch.testing.assert_close(terms["tanh"], tanh / 2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(total, align + 5 * tanh / 2 + terms["classification"], rtol=1e-4, atol=1e-6)
+
+
+def test_train_py_pretrains_cbc_by_the_pipnet_recipe(tmp_path: Path) -> None:
+    short = ("model.schedule.pretrain_epochs=1", "model.schedule.epochs=2", "trainer.limit_train_batches=2")
+    cfg = compose_config(tmp_path, "experiment=cbc_pipnet_digits", *short, "trainer.limit_val_batches=1")
+    torch.manual_seed(0)
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": 16})
+    schedule = module.schedule
+    assert [schedule.phase(e) for e in range(3)] == ["pretrain", "finetune", "joint"]
+    assert schedule.loss_weights(0) == {"align": 1.0, "tanh": 5.0}  # no class loss in pre-training
+    assert schedule.trained_groups("pretrain") == ["backbone", "prototypes"]  # the head is frozen
+    metrics = run(cfg)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    trained = load_module(checkpoint)
+    assert isinstance(trained.net, CBCNet) and int(trained.net.revision) == 1  # visualised after training
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and (trained.net.provenance()["source_sample"] >= 0).all()

@@ -93,12 +93,19 @@ class PIPNetModule(ClassifierModule):
             group["lr"] = learning_rates.get(group["name"], 0.0)
 
     def clamp_head(self) -> None:
-        self.net.last_layer.clamp_(self.schedule.shrink)
+        """PIP-Net's sparsity step on the head; off with ``schedule.shrink: 0`` (heads without it: CBC)."""
+        if self.schedule.shrink:
+            self.net.last_layer.clamp_(self.schedule.shrink)
 
     def visualize_prototypes(self, loader: DataLoader) -> torch.Tensor:
         """Record where every prototype is most present in the training set; zero the weights of those never
-        present above the inference threshold (the reference, after training). Returns their ids."""
+        present above the inference threshold (the reference, after training; networks without a sparse head,
+        deep CBC, keep them all). Returns their ids."""
         report = self.net.push(loader, step=self.global_step, percentile=self.schedule.push_percentile)
+        if not hasattr(self.net, "drop_absent"):
+            kept = self.net.prototypes_in_use()
+            log.info("visualisation in %.2f s: all %d prototypes kept", report.seconds, kept)
+            return torch.empty(0, dtype=torch.long)
         absent = self.net.drop_absent(report.presence)
         log.info(
             "PIP-Net visualisation in %.2f s: %d prototypes never present above %.2f lose their weights; "

@@ -25,6 +25,29 @@ def rbf_cross_entropy(scores: torch.Tensor, labels: torch.Tensor, normalization:
     return F.cross_entropy(torch.log1p(scores.pow(normalization)), labels)
 
 
+def head_class_loss(
+    scores: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, margin: float = 0.025
+) -> torch.Tensor:
+    """The class loss of a CBC / RBF head's scores (B, C): the RBF head (it has ``normalization``) its log1p
+    cross-entropy, the CBC head the margin loss."""
+    if hasattr(head, "normalization"):
+        return rbf_cross_entropy(scores, labels, head.normalization)
+    return margin_loss(scores, labels, margin)
+
+
+class HeadClassLoss(torch.nn.Module):
+    """:func:`head_class_loss` as the class term of PIP-Net's objective
+    (``protolib.losses.pipnet.PIPNetLoss(class_loss=...)``): deep CBC / RBF networks pre-trained and trained
+    by PIP-Net's recipe, as the reference trains them."""
+
+    def __init__(self, margin: float = 0.025) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, outputs: dict, labels: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+        return head_class_loss(outputs["logits"], labels, net.last_layer, self.margin)
+
+
 class CBCLoss(torch.nn.Module):
     """The class loss of the network's head (margin loss for ``CBCHead``, log1p cross-entropy for ``RBFHead``)
     plus ``tanh`` x PIP-Net's tanh loss ``-mean_k log(tanh(sum_b presence_bk) + 1e-8)`` on the max-pooled
@@ -37,12 +60,7 @@ class CBCLoss(torch.nn.Module):
         self.margin = margin
 
     def forward(self, outputs: dict, labels: torch.Tensor, net: torch.nn.Module) -> tuple[torch.Tensor, dict]:
-        scores = outputs["logits"]
-        head = net.last_layer
-        if hasattr(head, "normalization"):
-            class_loss = rbf_cross_entropy(scores, labels, head.normalization)
-        else:
-            class_loss = margin_loss(scores, labels, self.margin)
+        class_loss = head_class_loss(outputs["logits"], labels, net.last_layer, self.margin)
         presence = outputs["prototype_similarity"]  # (B, K)
         terms = {"class": class_loss, "tanh": -torch.log(torch.tanh(presence.sum(dim=0)) + 1e-8).mean()}
         return sum(self.weights[n] * v for n, v in terms.items()), terms

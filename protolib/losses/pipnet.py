@@ -9,7 +9,7 @@ Which terms count, with which weight, is the schedule's business (pre-training /
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,21 @@ class PIPNetLoss(nn.Module):
     ``weights`` (set by the schedule every epoch; a term with weight 0 is not computed) start as the joint
     training phase's (paper: 5, 2, 2). ``outputs`` come from :meth:`PIPNet.extract` on the two views stacked
     along the batch (first half view 1): ``presence_maps`` (2B, P, H, W), ``pooled`` (2B, P), ``logits``.
+    ``class_loss(outputs, labels, net)`` replaces the class term ``L_C`` for networks with another head
+    (deep CBC / RBF: ``protolib.losses.cbc.HeadClassLoss``); None is PIP-Net's.
     """
 
-    def __init__(self, align: float = 5.0, tanh: float = 2.0, classification: float = 2.0) -> None:
+    def __init__(
+        self,
+        align: float = 5.0,
+        tanh: float = 2.0,
+        classification: float = 2.0,
+        class_loss: Callable[[Mapping[str, torch.Tensor], torch.Tensor, nn.Module], torch.Tensor]
+        | None = None,
+    ) -> None:
         super().__init__()
         self.weights = {"align": align, "tanh": tanh, "classification": classification}
+        self.class_loss = class_loss
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """Replace the term weights (keys: align, tanh, classification)."""
@@ -75,7 +85,9 @@ class PIPNetLoss(nn.Module):
             terms["align"] = view_alignment(maps1, maps2)
         if self.weights["tanh"]:
             terms["tanh"] = (tanh_uniformity(pooled1) + tanh_uniformity(pooled2)) / 2
-        if self.weights["classification"]:
+        if self.weights["classification"] and self.class_loss is not None:
+            terms["classification"] = self.class_loss(outputs, labels, net)
+        elif self.weights["classification"]:
             multiplier = net.last_layer.normalization_multiplier
             terms["classification"] = pipnet_class_loss(outputs["logits"], labels, multiplier)
         if not terms:

@@ -75,6 +75,18 @@ class CBCNet(ProtoPNet):
         self.last_layer = HEADS[head](k, num_classes)
         self.activation_box = torch.full((k, 4), -1, dtype=torch.long)
 
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ProtoPNet's contract plus ``presence_maps`` (B, K, h, w), the detection probabilities, and
+        ``pooled`` (B, K), their max over locations, which PIP-Net's pre-training losses read
+        (``model=cbc_pipnet``)."""
+        output = self(images)
+        presence = 1 - output.activations.distances  # (B, K, h, w)
+        return {**self.contract(output), "presence_maps": presence, "pooled": output.similarities}
+
+    def prototypes_in_use(self) -> int:
+        """Every component feeds the head (no sparsity, nothing pruned): K."""
+        return self.bank.num_prototypes
+
     def set_class_connections(self, incorrect: float = -0.5) -> None:
         """Components have no class connections to set (the heads initialise themselves)."""
         if isinstance(self.last_layer, nn.Linear):  # ProtoPNet's constructor, before the head is in place

@@ -364,7 +364,11 @@ class ProtoPNet(nn.Module):
         """The contract ``explain`` and the OOD suite read: ``logits`` (B, C), ``features`` =
         ``prototype_similarity`` (B, P) (the last layer's input: ``last_layer(features) == logits``) and
         ``min_distances`` (B, P) for the losses (the similarity's cost distances: TesNet's cosine)."""
-        output = self(images)
+        return self.contract(self(images))
+
+    @staticmethod
+    def contract(output: ProtoPNetOutput) -> dict[str, torch.Tensor]:
+        """The :meth:`extract` dictionary of a forward ``output`` (variants add their own entries to it)."""
         similarities = output.similarities  # (B, P)
         return {
             "logits": output.logits,
