@@ -138,9 +138,10 @@ def test_pipnet_objective_with_the_cbc_class_loss() -> None:
     torch.testing.assert_close(terms["classification"], torch.relu(wrong - own + 0.025).mean())
     z1, z2 = (m.flatten(2).transpose(1, 2).reshape(-1, m.shape[1]) for m in presence.chunk(2))
     align = -(torch.log((z1 * z2).sum(1)).mean())  # both directions equal in value
-    tanh = -torch.log(torch.tanh(out["pooled"][:3].sum(0))).mean() - torch.log(
-        torch.tanh(out["pooled"][3:].sum(0))
-    ).mean()
+    tanh = (
+        -torch.log(torch.tanh(out["pooled"][:3].sum(0))).mean()
+        - torch.log(torch.tanh(out["pooled"][3:].sum(0))).mean()
+    )
     torch.testing.assert_close(terms["align"], align)
     torch.testing.assert_close(terms["tanh"], tanh / 2, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(total, align + 5 * tanh / 2 + terms["classification"], rtol=1e-4, atol=1e-6)
