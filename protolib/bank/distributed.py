@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
+
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 
 def world_size() -> int:
@@ -37,3 +40,21 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+class RankShardSampler(DistributedSampler):
+    """This rank's share of a dataset in order: rank r of W gets items r, r + W, r + 2W, ...
+
+    A ``DistributedSampler(shuffle=False)`` without its padding: padded items would be seen twice (counted
+    twice by a push, twice among a prototype's nearest images when pruning). Shares may differ by one item;
+    what consumes them gathers once at the end (the bank's reverse search), never per batch.
+    """
+
+    def __init__(self, dataset: Sized) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))

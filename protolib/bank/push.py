@@ -194,7 +194,7 @@ def nearest_patches(
     total_batches = distributed.all_reduce_sum_(torch.tensor([num_batches], device=device))
     dist, payload = best.dist, (best.vectors, best.sample_ids, best.locations)  # (P, k), (P, k, ...)
     if distributed.world_size() > 1:
-        dist, payload = _gather_best(dist, payload)
+        dist, payload = gather_best(dist, payload)
     if int(total_batches.item()) == 0:
         raise ValueError("Push got an empty dataloader: no batches of embeddings to project prototypes onto.")
     missing = ~torch.isfinite(dist[:, 0])
@@ -238,11 +238,11 @@ def nearest_samples(
         best.update(all_ids, ids, patches.to(prototypes.dtype), sample_ids, locations)
     dist, (sample_ids,) = best.dist, (best.sample_ids,)
     if distributed.world_size() > 1:
-        dist, (sample_ids,) = _gather_best(dist, (sample_ids,))
+        dist, (sample_ids,) = gather_best(dist, (sample_ids,))
     return dist, sample_ids
 
 
-def _gather_best(
+def gather_best(
     best_dist: torch.Tensor, payload: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Each prototype's k best candidates (P, k) over all ranks (ties go to the lower rank).

@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from protolib.bank.distributed import RankShardSampler, world_size
 from protolib.data.sources import ImageSource, visible_part_locs
 from protolib.data.splits import stratified_split
 
@@ -346,11 +347,12 @@ class VisionDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must be called before using its datasets")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -370,9 +372,16 @@ class VisionDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset, shuffle=False)
 
     def push_dataloader(self) -> DataLoader:
-        """Training images in order with the eval transform; "index" is the index into ``train_dataset``."""
+        """Training images in order with the eval transform; "index" is the index into ``train_dataset``.
+
+        Under DDP each rank gets its share (items r, r + W, ...: `RankShardSampler`), so a push or prune costs
+        every rank 1/W of the data; the bank's reverse search gathers the ranks' best candidates. Its
+        ``dataset`` is always the whole push set (provenance indexes it).
+        """
         self._require_setup()
-        return self._loader(self.train_dataset.eval_view(), shuffle=False)
+        dataset = self.train_dataset.eval_view()
+        sampler = RankShardSampler(dataset) if world_size() > 1 else None
+        return self._loader(dataset, shuffle=False, sampler=sampler)
 
     def held_out_dataloader(self, split: str = "test") -> DataLoader:
         """Batches of `held_out_dataset`, in order."""

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from protolib.bank import PrototypeBank
-from protolib.bank.push import PushResult
+from protolib.bank.distributed import all_reduce_sum_, world_size
+from protolib.bank.push import PushResult, gather_best
 from protolib.models.protopnet import ProtoPNet, PushReport, check_push_loader
 from protolib.nn.heads import CBCHead, RBFHead
 from protolib.nn.prototype_layer import DetectionLayer
@@ -123,7 +124,12 @@ class CBCNet(ProtoPNet):
                 sample[better] = batch["index"].to(device)[flat[better] // (h * w)]
                 cell = flat[better] % (h * w)
                 where[better] = torch.stack([cell // w, cell % w], dim=1)
-            result = PushResult(self.bank.vectors.detach().clone(), 1 - best, sample, where)
+            counts = all_reduce_sum_(counts.to(device)).cpu()
+            distance = 1 - best  # (K,)
+            if world_size() > 1:  # every rank's best patch of its share -> the best over all ranks
+                gathered, (sample, where) = gather_best(distance[:, None], (sample[:, None], where[:, None]))
+                distance, sample, where = gathered[:, 0], sample[:, 0], where[:, 0]
+            result = PushResult(self.bank.vectors.detach().clone(), distance, sample, where)
             self.bank.project(result, rf_boxes=self.receptive_field.boxes(where.cpu()), step=step)
             self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
             self.revision += 1

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from protolib.bank import PrototypeBank
+from protolib.bank.distributed import RankShardSampler, all_gather, all_reduce_sum_, world_size
 from protolib.nn.backbones import build_backbone
 from protolib.nn.prototype_layer import PrototypeActivations, PrototypeLayer
 from protolib.nn.receptive_field import ReceptiveField, receptive_field
@@ -89,6 +90,13 @@ def _span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def _k_smallest(values: torch.Tensor, payload: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest of each row of ``values`` (P, M) and their ``payload`` (P, M), ties to the earlier
+    column."""
+    values, order = values.sort(dim=1, stable=True)
+    return values[:, :k], payload.gather(1, order[:, :k])
+
+
 def fetch_images(dataset: Dataset, indices: Iterable[int]) -> torch.Tensor:
     """Images (N, C, H, W) of the samples whose "index" is each of ``indices`` (position = index)."""
     images = []
@@ -104,13 +112,15 @@ def fetch_images(dataset: Dataset, indices: Iterable[int]) -> torch.Tensor:
 
 
 def check_push_loader(loader: DataLoader, probes: int = 4) -> None:
-    """Reject a push loader that shuffles or augments: provenance must point at reproducible patches."""
+    """Reject a push loader that shuffles or augments: provenance must point at reproducible patches. In
+    order means sequential, or this rank's ordered share under DDP (`RankShardSampler`)."""
     if not isinstance(loader, DataLoader):
         raise ValueError(f"push needs a DataLoader (push_dataloader()), got {type(loader).__name__}")
-    if not isinstance(loader.sampler, SequentialSampler):
+    if not isinstance(loader.sampler, (SequentialSampler, RankShardSampler)):
         raise ValueError(
             f"push dataloader samples with {type(loader.sampler).__name__}: it must not shuffle (prototype "
-            "provenance refers to dataset positions); use datamodule.push_dataloader()"
+            "provenance refers to dataset positions); use datamodule.push_dataloader() (under DDP it gives "
+            "each rank its ordered share)"
         )
     dataset = loader.dataset
     for position in range(min(probes, len(dataset))):
@@ -429,6 +439,7 @@ class ProtoPNet(nn.Module):
             result = self.bank.nearest_per_prototype(
                 batches, restrict_to_owner=True, distinct=self.distinct_push, queries=queries
             )
+            counts = all_reduce_sum_(counts.to(queries.device)).cpu()  # every rank's share, under DDP
             per_class = torch.bincount(self.owners.cpu(), minlength=self.num_classes)
             short = ((counts < per_class) & (per_class > 0)).nonzero().flatten().tolist()
             if warn and short:
@@ -484,21 +495,28 @@ class ProtoPNet(nn.Module):
     # ------------------------------------------------------------------ prune
     @torch.no_grad()
     def nearest_image_labels(self, loader: DataLoader, k: int) -> torch.Tensor:
-        """(P, k) labels of the ``k`` training images whose nearest patch is closest to each prototype."""
+        """(P, k) labels of the ``k`` training images whose nearest patch is closest to each prototype
+        (nearest first, ties to the earlier image, under DDP to the lower rank). Under DDP every rank streams
+        its share and the ranks' k best are gathered, so all ranks return the same labels."""
         check_push_loader(loader)
         with evaluating(self):
             device = self.last_layer.weight.device
             p = self.bank.num_prototypes
-            best = torch.full((p, 0), float("inf"), device=device)  # (P, <=k) distances, ascending
-            labels = torch.empty((p, 0), dtype=torch.long, device=device)
+            best = torch.full((p, k), float("inf"), device=device)  # (P, k) distances, ascending
+            labels = torch.full((p, k), -1, dtype=torch.long, device=device)
             for batch in loader:
                 distances = self(batch["image"].to(device)).min_distances.T  # (P, B)
-                candidates = torch.cat([best, distances], dim=1)
-                candidate_labels = torch.cat([labels, batch["label"].to(device).expand(p, -1)], dim=1)
-                best, order = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)
-                labels = candidate_labels.gather(1, order)
-        if labels.shape[1] < k:
-            raise ValueError(f"pruning with k={k} needs at least {k} push images, got {labels.shape[1]}")
+                best, labels = _k_smallest(
+                    torch.cat([best, distances], dim=1),
+                    torch.cat([labels, batch["label"].to(device).expand(p, -1)], dim=1),
+                    k,
+                )
+            if world_size() > 1:  # (W, P, k) -> (P, W k), lower ranks first
+                gathered = [all_gather(t).permute(1, 0, 2).reshape(p, -1) for t in (best, labels)]
+                best, labels = _k_smallest(*gathered, k)
+        seen = int(torch.isfinite(best[0]).sum()) if p else k
+        if seen < k:
+            raise ValueError(f"pruning with k={k} needs at least {k} push images, got {seen}")
         return labels
 
     @torch.no_grad()
