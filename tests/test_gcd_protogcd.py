@@ -147,3 +147,24 @@ def test_experiments_compose(tmp_path, name: str) -> None:
     else:
         assert cfg.model.net.trainable_blocks == 1 and cfg.model.net.pretrained
         assert cfg.model.ramp_ratio_epochs == 100 and cfg.trainer.max_epochs == 200
+
+
+def test_ood_benchmark_takes_a_gcd_checkpoints_base_data_with_one_view() -> None:
+    from protolib.ood.benchmark import id_datamodule_config
+
+    base = {"_target_": "protolib.data.digits.DigitsDataModule", "num_views": 2, "train_transforms": [{}]}
+    gcd = {"_target_": "protolib.data.gcd.GCDDataModule", "known_classes": [0, 1], "base": base}
+    got = id_datamodule_config({"overrides": {"batch_size": 7}}, gcd)
+    assert got == {**base, "num_views": 1, "train_transforms": None, "batch_size": 7}
+
+
+def test_layernorm_features_are_signed_and_bad_options_fail() -> None:
+    net = SimGCDNet(4, in_channels=1, head_hidden_dim=8, head_bottleneck_dim=4, feature_norm="layernorm")
+    images = torch.rand(6, 1, 8, 8)
+    pooled = net.backbone(images)  # (6, F): a pooled ReLU map, never negative
+    features = net.extract(images)["features"]
+    assert pooled.min() >= 0 and features.min() < 0
+    mean, var = pooled.mean(1, keepdim=True), pooled.var(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(features, (pooled - mean) / torch.sqrt(var + 1e-5))  # LayerNorm at init
+    with pytest.raises(ValueError, match=r"model\.net\.feature_norm must be null or 'layernorm'"):
+        SimGCDNet(4, in_channels=1, feature_norm="batchnorm")

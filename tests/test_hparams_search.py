@@ -28,6 +28,7 @@ SEARCHES = {  # search -> the experiment it is written for
     "pipnet": "pipnet_digits",
     "protopool": "protopool_digits",
     "simgcd": "simgcd_digits",
+    "protogcd": "protogcd_digits",
 }
 ROOT = Path(CONFIG_DIR).parent
 

@@ -74,7 +74,7 @@ class SimGCDNet(nn.Module):
     change K from this start). Backbones: ``small_cnn``,
     ``cifar_resnet*`` (pooled), or a timm name; ``trainable_blocks`` (timm ViTs) freezes all but the last
     blocks, as SimGCD fine-tunes only block 11 of DINO ViT-B/16; ``backbone_options`` go to ``small_cnn``
-    (e.g. ``{width: 16}``).
+    (e.g. ``{width: 16}``); ``feature_norm="layernorm"`` ends the backbone with a LayerNorm (signed features).
     """
 
     def __init__(
@@ -91,8 +91,11 @@ class SimGCDNet(nn.Module):
         temperature: float = 0.1,
         bank: Callable[..., PrototypeBank] = PrototypeBank,
         learnable_prototypes: bool = True,
+        feature_norm: str | None = None,
     ) -> None:
         super().__init__()
+        if feature_norm not in (None, "layernorm"):
+            raise ValueError(f"model.net.feature_norm must be null or 'layernorm', got {feature_norm!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes (K, the number of clusters) must be >= 2, got {num_classes}")
         if temperature <= 0:
@@ -104,6 +107,10 @@ class SimGCDNet(nn.Module):
         else:
             self.backbone = TimmPooled(backbone, pretrained, in_channels, trainable_blocks)
         dim = self.backbone.out_channels
+        # Pooled ReLU maps are >= 0, so their cosines to each other are too: K prototypes spread on the sphere
+        # (the separation regulariser makes a simplex) cannot all be nearest to some feature. A final
+        # LayerNorm, as on a ViT's class token, makes them signed ("layernorm"; CNNs trained from scratch).
+        self.feature_norm = nn.LayerNorm(dim) if feature_norm == "layernorm" else nn.Identity()
         self.head = DINOHead(dim, head_hidden_dim, head_bottleneck_dim, head_layers)
         self.bank = bank(num_prototypes=num_classes, dim=dim, metric="cosine", learnable=learnable_prototypes)
         with torch.no_grad():  # nn.Linear's default init, as the reference's weight-normed layer
@@ -122,7 +129,7 @@ class SimGCDNet(nn.Module):
 
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``features`` (B, F), ``projection`` (B, E), ``prototype_similarity`` cosines (B, K), ``logits``."""
-        features = self.backbone(images)  # (B, F)
+        features = self.feature_norm(self.backbone(images))  # (B, F)
         cosine = F.normalize(features, dim=-1) @ F.normalize(self.bank.vectors, dim=-1).T  # (B, K)
         return {
             "features": features,

@@ -94,8 +94,14 @@ def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
 def id_datamodule_config(
     id_config: Mapping[str, Any], checkpoint_data: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """The ID datamodule config: ``id.datamodule`` or the checkpoint's, with ``id.overrides`` merged in."""
+    """The ID datamodule config: ``id.datamodule`` or the checkpoint's, with ``id.overrides`` merged in.
+
+    A category-discovery checkpoint's data (`protolib.data.gcd.GCDDataModule`) becomes its base datamodule
+    with one eval view: the model was trained on every class of it (the new ones unlabelled), so all are ID.
+    """
     base = id_config.get("datamodule") or checkpoint_data
+    if base is not None and str(base.get("_target_", "")).endswith("GCDDataModule") and "base" in base:
+        base = {**base["base"], "num_views": 1, "train_transforms": None}
     if base is None:
         raise ValueError(
             "the benchmark takes its ID data from the checkpoint (benchmark.id.datamodule is null), but the "
