@@ -3,8 +3,8 @@
 The robustness claim of Saralajew et al. (AAAI 2025), measured as the paper does: attacked test accuracy at
 fixed L2 budgets.
 
-    PYTHONPATH=. python benchmarks/robustness.py                       # cbc, rbf, protopnet; eps 0.5, 1, 2
-    PYTHONPATH=. python benchmarks/robustness.py --quick               # smoke size (numbers mean nothing)
+    python -m benchmarks.robustness                       # cbc, rbf, protopnet; eps 0.5, 1, 2
+    python -m benchmarks.robustness --quick               # smoke size (numbers mean nothing)
 
 Each model is trained by its shipped experiment (``cbc_digits``, ``cbc_digits model.net.head=rbf``,
 ``protopnet_digits``; CPU), its best pushed checkpoint attacked on the test split with ``steps`` of L2 PGD

@@ -1,9 +1,9 @@
 """ProtoPNet and its variants side by side: accuracy on digits and parts over seeds, training time, prototypes
 kept, the explanation part score on parts, and the train-step time against ProtoPNet's.
 
-    PYTHONPATH=. python benchmarks/variants.py                          # every variant, 3 seeds
-    PYTHONPATH=. python benchmarks/variants.py --variants tesnet --seeds 0 --datasets parts
-    PYTHONPATH=. python benchmarks/variants.py --quick       # smoke size (its numbers mean nothing)
+    python -m benchmarks.variants                      # every variant, 3 seeds (from the repository root)
+    python -m benchmarks.variants --variants tesnet --seeds 0 --datasets parts
+    python -m benchmarks.variants --quick              # smoke size (its numbers mean nothing)
 
 A variant ``<name>`` is measured through its shipped experiments ``<name>_digits`` and ``<name>_parts``
 (train.py's ``run``, CPU, the best pushed checkpoint tested); each run keeps its folder (checkpoints, logs,
