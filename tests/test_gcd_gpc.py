@@ -326,3 +326,15 @@ def test_train_py_runs_gpc_from_a_wrong_k_and_writes_k(tmp_path) -> None:
         assert key in saved
     assert 5 <= saved["test/estimated_k"] <= 40  # K after the E-steps (after epoch 0 and the last)
     assert (tmp_path / "k_over_epochs.png").stat().st_size > 0
+
+
+def test_e_step_without_moves_refits_at_fixed_k() -> None:
+    x = blobs([80, 80, 80], [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    labels = torch.full((240,), -1)
+    labels[:40] = 0
+    bank = PrototypeBank(2, 3, metric="cosine", learnable=False)
+    result = GPCEStep(n_init=2, split_prob=0.0, merge_prob=0.0)(x, labels, bank, num_known=1, moves=False)
+    assert result.k == bank.num_prototypes == 2 and not result.moves.splits
+    result = GPCEStep(n_init=2, split_prob=0.0, merge_prob=0.0)(x, labels, bank, num_known=1)
+    assert result.k == bank.num_prototypes == 3 and list(result.moves.splits) == [1]  # B | C split
+    assert sorted(F.normalize(result.centres, dim=1).argmax(1).tolist()) == [0, 1, 2]

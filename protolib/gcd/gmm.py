@@ -447,9 +447,11 @@ class GPCEStep:
         num_known: int,
         step: int | None = None,
         generator: torch.Generator | None = None,
+        moves: bool = True,
     ) -> EStepResult:
         """Fit the mixture on L2-normalised ``features`` (N, D) with ``labels`` (N,; -1: unlabelled, known
-        classes ``0..num_known-1``), split / merge, and write the new clusters into ``bank`` (K: its size)."""
+        classes ``0..num_known-1``), split / merge (unless ``moves=False``: K stays), and write the new
+        clusters into ``bank`` (K: its size)."""
         x = torch.from_numpy(check_features(features, "GPC E-step features"))
         x, embed = principal_components(F.normalize(x, dim=1).double(), self.pca_dim)
         y = torch.as_tensor(labels).long().reshape(-1)
@@ -464,14 +466,16 @@ class GPCEStep:
         prior = NIWPrior.from_features(x, self.kappa, self.nu, self.sigma_scale)
         mixture = fit_mixture(x, assign, centres, prior)
         log_lik = mixture.log_likelihood(x, y)
-        moves = propose_moves(
-            x, assign, centres, mixture, prior, num_known, self.alpha, self.split_prob, self.merge_prob,
-            self.min_size, self.seed, generator,
-        )  # fmt: skip
-        new = apply_moves(bank, centres, moves, step, embed)
+        edits = Moves()  # moves=False: refit only, K stays
+        if moves:
+            edits = propose_moves(
+                x, assign, centres, mixture, prior, num_known, self.alpha, self.split_prob, self.merge_prob,
+                self.min_size, self.seed, generator,
+            )  # fmt: skip
+        new = apply_moves(bank, centres, edits, step, embed)
         assign = assign_to_centres(x, new, y)
         phi = cluster_concentration(x, new, assign, self.temperature)
-        return EStepResult(embed(new).float(), assign, phi.float(), moves, k, log_lik)
+        return EStepResult(embed(new).float(), assign, phi.float(), edits, k, log_lik)
 
 
 def principal_components(

@@ -78,12 +78,13 @@ class GPCModule(SimGCDModule):
         return self.prototype_bank.num_prototypes
 
     @torch.no_grad()
-    def gpc_e_step(self, generator: torch.Generator | None = None) -> EStepResult:
-        """Run the E-step on the current features; updates the bank, assignments and concentrations."""
+    def gpc_e_step(self, generator: torch.Generator | None = None, moves: bool = True) -> EStepResult:
+        """Run the E-step on the current features; updates the bank, assignments and concentrations
+        (``moves=False``: refit the clusters without split / merge)."""
         features, labels = self.training_features()
         result = self.e_step(
             features, torch.from_numpy(labels), self.prototype_bank, self.num_known or 0,
-            step=self.global_step, generator=generator,
+            step=self.global_step, generator=generator, moves=moves,
         )  # fmt: skip
         self.assignments = result.assignments.to(self.device)
         self.concentration = result.concentration.to(self.device)

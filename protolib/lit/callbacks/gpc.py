@@ -21,21 +21,29 @@ class EMModule(Protocol):
     num_clusters: int
     k_history: list[tuple[int, int]]
 
-    def gpc_e_step(self, generator: torch.Generator | None = None) -> EStepResult: ...
+    def gpc_e_step(self, generator: torch.Generator | None = None, moves: bool = True) -> EStepResult: ...
 
 
 class GPCSchedule(L.Callback):
     """Run the module's E-step before epochs ``warmup_epochs, warmup_epochs + interval, ...`` (reference
     ``--warmup_epochs``, ``--pcl_update_interval`` 1) and after the last, log ``train/k`` every epoch, and
     draw ``k_over_epochs.png`` at the end of fitting. Each E-step's random moves draw from ``seed + epoch``.
+    E-steps before epoch ``moves_from`` refit the clusters without split / merge (K fixed; default: moves
+    from the first E-step, as the code).
     """
 
     def __init__(
-        self, warmup_epochs: int = 5, interval: int = 1, seed: int = 0, filename: str = "k_over_epochs.png"
+        self,
+        warmup_epochs: int = 5,
+        interval: int = 1,
+        seed: int = 0,
+        moves_from: int = 0,
+        filename: str = "k_over_epochs.png",
     ) -> None:
         if warmup_epochs < 0 or interval < 1:
             raise ValueError(f"need warmup_epochs >= 0 and interval >= 1, got {warmup_epochs}, {interval}")
         self.warmup_epochs, self.interval, self.seed, self.filename = warmup_epochs, interval, seed, filename
+        self.moves_from = moves_from
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.warmup_epochs == 0 and trainer.current_epoch == 0:
@@ -57,7 +65,7 @@ class GPCSchedule(L.Callback):
     def e_step(self, pl_module: L.LightningModule, epoch: int) -> EStepResult:
         """One E-step for ``epoch``, logged."""
         module: EMModule = pl_module  # type: ignore[assignment]
-        result = module.gpc_e_step(torch.Generator().manual_seed(self.seed + epoch))
+        result = module.gpc_e_step(torch.Generator().manual_seed(self.seed + epoch), epoch >= self.moves_from)
         moves = result.moves
         log.info(
             "GPC E-step (for epoch %d): K %d -> %d (%d split, %d merged pairs, %d empty), log-lik %.3f",
