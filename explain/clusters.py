@@ -147,4 +147,5 @@ def explain_cluster_choice(explained: Explained, item: dict[str, Any], out: Path
     ]
     query = to_rgb_uint8(datamodule.denormalize(item["image"][None].cpu()))[0]
     path = save_png(Path(out), rows_picture(rows, query, heading))
-    return Local(path, "\n".join([heading[0], *(title for title, _ in rows)]), label, cluster)
+    evidence = [(p, 1 - d) for p, d in zip(ids.tolist(), distances.tolist(), strict=True)]
+    return Local(path, "\n".join([heading[0], *(title for title, _ in rows)]), label, cluster, evidence)

@@ -46,6 +46,9 @@ class Local:
     summary: str
     label: int  # the image's true label (for held-out images: past the in-distribution classes)
     predicted: int  # the predicted class (GCD: the cluster)
+    # (prototype, value) shown, in order: ProtoPNet contributions, PALM / GCD similarities (cosine)
+    evidence: list[tuple[int, float]] = field(default_factory=list)
+    score: float | None = None  # the OOD score of the decision (PALM), higher = more in-distribution
 
 
 @dataclass(frozen=True)

@@ -227,4 +227,5 @@ def patch_local(explained: Explained, item: dict[str, Any], out: Path) -> Local:
         class_names=explained.class_names,
     )
     path = save_explanation(explanation, out)
-    return Local(path, explanation.summary(), int(item["label"]), explanation.predicted)
+    evidence = [(e.prototype, e.contribution) for e in explanation.evidence]
+    return Local(path, explanation.summary(), int(item["label"]), explanation.predicted, evidence)

@@ -135,4 +135,5 @@ def explain_ood_decision(explained: Explained, item: dict[str, Any], out: Path) 
     query = to_rgb_uint8(datamodule.denormalize(item["image"][None].cpu()))[0]
     path = save_png(Path(out), rows_picture(rows, query, heading))
     summary = "\n".join([*heading[:2], *(title for title, _ in rows)])
-    return Local(path, summary, label, predicted)
+    evidence = [(p, 1 - d) for p, d in zip(ids.tolist(), distances.tolist(), strict=True)]
+    return Local(path, summary, label, predicted, evidence, score)

@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -282,3 +283,58 @@ def test_every_variant_has_prototypes_and_local_explanations(experiment: str, tm
         assert pictures and all(Image.open(p.path).size[0] > 0 for p in pictures)
     local = explain_local(explained, 0, tmp_path / "local.png")
     assert Image.open(local.picture).size[0] > 0 and local.summary
+
+
+def unit(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x.detach().double(), dim=-1).numpy()
+
+
+def test_palm_decision_numbers_are_the_brute_force_ones(runs: Callable[[str], Path], tmp_path: Path) -> None:
+    explained = load(runs("palm"))
+    net = explained.net
+    prototypes, owners = unit(net.bank.vectors), net.bank.owners.numpy()
+
+    def scores(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # cosines (N, P), PALM score (N,)
+        with torch.no_grad():
+            cosine = unit(net.extract(images)["embedding"]) @ prototypes.T
+        per_class = [np.log(np.exp(cosine[:, owners == c] / net.temperature).mean(1)) for c in range(3)]
+        return cosine, np.max(per_class, axis=0)
+
+    val = torch.stack([item["image"] for item in explained.datamodule.val_dataset])
+    threshold = np.quantile(scores(val)[1], 0.05)  # 95% of the ID validation images score above it
+    for split, index in (("test", 4), ("held_out", 7)):
+        explained.options["k"] = 3
+        local = explain_local(explained, index, tmp_path / f"{split}.png", split)
+        cosine, score = scores(explained.item(index, split)["image"][None])
+        nearest = np.argsort(-cosine[0])[:3]
+        assert [p for p, _ in local.evidence] == nearest.tolist()
+        np.testing.assert_allclose([v for _, v in local.evidence], cosine[0, nearest], atol=1e-5)
+        assert local.score == pytest.approx(float(score[0]), abs=1e-4)
+        assert f"threshold {threshold:.3f}" in local.summary
+        decision = "in-distribution" if local.score >= threshold else "OUT-OF-DISTRIBUTION"
+        assert decision in local.summary
+
+
+def test_gcd_cluster_choice_is_the_most_similar_prototype(
+    runs: Callable[[str], Path], tmp_path: Path
+) -> None:
+    explained = load(runs("gcd"))
+    net = explained.net
+    local = explain_local(explained, 5, tmp_path / "why.png")
+    with torch.no_grad():
+        features = net.extract(explained.item(5)["image"][None])["features"]
+    cosine = (unit(features) @ unit(net.bank.vectors).T)[0]  # (K,)
+    nearest = np.argsort(-cosine)[:3]
+    assert local.predicted == nearest[0] and [p for p, _ in local.evidence] == nearest.tolist()
+    probability = np.exp(cosine / net.temperature) / np.exp(cosine / net.temperature).sum()
+    for k in nearest:
+        assert f"cluster {k} -> " in local.summary and f"probability {probability[k]:.3f}" in local.summary
+    unlabelled = torch.stack([item["image"] for item in explained.datamodule.unlabelled_dataset])
+    with torch.no_grad():
+        clusters = (unit(net.extract(unlabelled)["features"]) @ unit(net.bank.vectors).T).argmax(1)
+    pictures = explain_prototypes(explained, tmp_path / "clusters")
+    assert pictures[0].path.name == "clusters-01.png"
+    sizes = np.bincount(clusters, minlength=net.num_classes)
+    from explain.clusters import cluster_assignment
+
+    np.testing.assert_array_equal(cluster_assignment(explained)["sizes"], sizes)
