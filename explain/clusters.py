@@ -46,7 +46,9 @@ def cluster_assignment(explained: Explained, progress: bool = True) -> dict[str,
     device = device_of(net)
     preds, labels = [], []
     with evaluating(net):
-        for batch in tqdm(DataLoader(dataset, batch_size=128), desc="clustering", disable=not progress):
+        for batch in tqdm(
+            DataLoader(dataset, batch_size=128), desc="clustering", disable=not progress, leave=False
+        ):
             preds.append(net.extract(batch["image"].to(device))["logits"].argmax(1).cpu())
             labels.append(batch["label"])
     pred, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()

@@ -56,7 +56,9 @@ def prototype_neighbours(
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         start = 0
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        for batch in tqdm(loader, desc="searching each prototype's nearest images", disable=not progress):
+        for batch in tqdm(
+            loader, desc="searching each prototype's nearest images", disable=not progress, leave=False
+        ):
             embedding = embedding_of(net, net.extract(batch["image"].to(device))).float()
             positions = torch.arange(start, start + len(embedding))
             start += len(embedding)

@@ -58,7 +58,9 @@ def palm_scores(explained: Explained, dataset: Any, progress: bool = True) -> np
     device = device_of(explained.net)
     parts = []
     with evaluating(explained.net):
-        for batch in tqdm(DataLoader(dataset, batch_size=128), desc="PALM scores", disable=not progress):
+        for batch in tqdm(
+            DataLoader(dataset, batch_size=128), desc="PALM scores", disable=not progress, leave=False
+        ):
             parts.append(score.score(module, explained.net.extract(batch["image"].to(device))).float().cpu())
     return torch.cat(parts).numpy()
 
