@@ -151,18 +151,21 @@ def scores_section(explained: Explained, max_images: int, progress: bool) -> str
         if reason is not None:
             skipped.append(f"<li><b>{_e(name)}</b>: {_e(reason)}</li>")
     parts = []
+    for name in sorted({key.split("/", 1)[0] for key in results}):
+        spec = SCORES.get(name)
+        measures = [
+            (key.split("/", 1)[1], value)
+            for key, value in sorted(results.items())
+            if key.startswith(f"{name}/")
+        ]
+        about = (
+            ""
+            if spec is None
+            else f"{spec.description} ({'higher' if spec.higher_is_better else 'lower'} is better)"
+        )
+        parts.append(f"<h3>{_e(name)}</h3><p>{_e(about)}</p>{table(measures, ('measure', 'value'))}")
     if results:
-        rows = []
-        for key, value in sorted(results.items()):
-            spec = SCORES.get(key.split("/", 1)[0])
-            better = (
-                ""
-                if spec is None
-                else (" (higher is better)" if spec.higher_is_better else " (lower is better)")
-            )
-            rows.append((key + better, value))
-        parts.append(table(rows, ("score", "value")))
-        parts.append(f'<p class="note">computed on at most {max_images} images.</p>')
+        parts.append(f'<p class="note">each computed on at most {max_images} images.</p>')
     else:
         parts.append('<p class="note">No interpretability score applies to this model and data.</p>')
     if skipped:

@@ -157,7 +157,7 @@ class Page(HTMLParser):
 
 def test_report_is_a_self_contained_site_with_every_section(checkpoint: Path) -> None:
     explained = load(checkpoint)
-    index = build_report(explained, checkpoint.parent.parent / "report", examples=2, progress=False)
+    index = build_report(explained, checkpoint.parent.parent / "report", 1, max_images=8, progress=False)
     assert index == checkpoint.parent.parent / "report" / "index.html"
     page = Page()
     page.feed(index.read_text(encoding="utf-8"))
