@@ -55,6 +55,8 @@ def test_push_records_each_components_most_present_patch_and_keeps_the_network()
         assert presence[provenance["source_sample"][k], k, row, col] == pytest.approx(best.item())
         assert provenance["score"][k] == pytest.approx(1 - best.item(), abs=1e-6)
     assert (provenance["step"] == 4).all() and (provenance["activation_box"] >= 0).all()
+    labels = torch.cat([b["label"] for b in loader])
+    assert torch.equal(provenance["owner"], labels[provenance["source_sample"]])  # the source image's class
 
 
 def test_configs_compose(tmp_path: Path) -> None:

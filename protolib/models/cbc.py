@@ -22,6 +22,7 @@ from protolib.bank import PrototypeBank
 from protolib.bank.distributed import all_reduce_sum_, world_size
 from protolib.bank.push import PushResult, gather_best
 from protolib.models.protopnet import ProtoPNet, PushReport, check_push_loader
+from protolib.models.provenance import source_labels
 from protolib.nn.heads import CBCHead, RBFHead
 from protolib.nn.prototype_layer import DetectionLayer
 from protolib.utils.modes import evaluating
@@ -35,7 +36,8 @@ class CBCNet(ProtoPNet):
     Args (beyond the data's): ``num_components`` K (``None``: the backbone's channels, the reference's
     ``num_features: 0``, with the components initialised as those channels' unit vectors: the reference's
     softmax over the backbone's channels at the start); ``head``: ``cbc`` or ``rbf``. ``bank`` holds the K
-    component vectors (metric ``ip``); each is "owned" by component index modulo C only for bookkeeping.
+    component vectors (metric ``ip``); each is "owned" by component index modulo C until a push records the
+    class of the image it is most present in (components serve every class).
     """
 
     def __init__(
@@ -131,6 +133,9 @@ class CBCNet(ProtoPNet):
                 distance, sample, where = gathered[:, 0], sample[:, 0], where[:, 0]
             result = PushResult(self.bank.vectors.detach().clone(), distance, sample, where)
             self.bank.project(result, rf_boxes=self.receptive_field.boxes(where.cpu()), step=step)
+            # owner = the class of the component's source image (as PIP-Net's), so that galleries, the push
+            # quality and the part score read a real class rather than the placeholder k mod C
+            self.bank.owners.copy_(source_labels(loader.dataset, sample.cpu()).to(self.bank.owners.device))
             self.activation_box.copy_(self._activation_boxes(loader.dataset, percentile))
             self.revision += 1
         return PushReport(
