@@ -273,14 +273,14 @@ def usage_figure(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> 
     import matplotlib.pyplot as plt
 
     e, c = matrix.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * c, 1.0 + 0.4 * e))
+    label_height = 0.08 * max(len(str(n)) for n in class_names)  # rotated class names below the axis
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * c, 1.5 + 0.4 * e + label_height), layout="constrained")
     shown = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(float(matrix.max()), 1e-6), aspect="auto")
     ax.set_xticks(range(c), [str(n) for n in class_names], rotation=90, fontsize=7)
     ax.set_yticks(range(e), [f"expert {i}" for i in range(e)], fontsize=7)
     ax.set_xlabel("class")
     ax.set_title("share of each class's patches per expert", fontsize=9)
     fig.colorbar(shown, ax=ax, fraction=0.05)
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)

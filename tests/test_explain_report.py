@@ -338,3 +338,39 @@ def test_gcd_cluster_choice_is_the_most_similar_prototype(
     from explain.clusters import cluster_assignment
 
     np.testing.assert_array_equal(cluster_assignment(explained)["sizes"], sizes)
+
+
+def test_a_failed_build_leaves_the_previous_report_and_no_temporary_folder(
+    runs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    explained = load(runs("routing"))
+    out = runs("routing").parent.parent / "kept"
+    build_report(explained, out, 1, max_images=4, progress=False)
+    before = (out / "index.html").read_text()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("local explanation failed")
+
+    explained.family = dataclasses.replace(explained.family, local=broken)
+    with pytest.raises(RuntimeError, match="local explanation failed"):
+        build_report(explained, out, 1, max_images=4, progress=False)
+    assert (out / "index.html").read_text() == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".kept")) == []
+
+
+def test_prototypes_command_renders_only_the_ids_asked_for(
+    runs: Callable[[str], Path], tmp_path: Path
+) -> None:
+    explain_cli(
+        ["prototypes", "--checkpoint", str(runs("protopnet")), "--out", str(tmp_path), "--ids", "1", "4"]
+    )
+    assert sorted(p.name for p in tmp_path.glob("prototype-*.png")) == [
+        "prototype-0001.png",
+        "prototype-0004.png",
+    ]
+    with pytest.raises(ValueError, match="prototype 6 does not exist: this ProtoPNet has 6 prototypes"):
+        explain_cli(
+            ["prototypes", "--checkpoint", str(runs("protopnet")), "--out", str(tmp_path), "--ids", "6"]
+        )
