@@ -30,6 +30,7 @@ def test_notebook_is_committed_executed_with_its_pictures(path: Path) -> None:
     assert any("image/png" in output.get("data", {}) for output in outputs), f"{path.name}: shows no picture"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_without_errors(path: Path, tmp_path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
