@@ -267,3 +267,22 @@ def test_mnist_format_id_against_another_mnist_format_set(tmp_path: Path, checkp
     rows = {row["dataset"]: row for row in results.rows}
     assert rows["fashion_mnist"]["num_ood"] == 60 and rows["fashion_mnist"]["num_id"] == 60
     assert rows["noise"]["group"] == "far"
+
+
+def test_chunk_size_reaches_postprocessor_fitting(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``chunk_size`` bounds the rows a fit reads at once, as it bounds scoring (issue 18, point 7)."""
+    import protolib.ood.postprocessors.base as base
+
+    seen: list[int] = []
+    source = base.FeatureSource
+
+    def recording(data, model=None, chunk_size=4096):
+        seen.append(chunk_size)
+        return source(data, model, chunk_size)
+
+    monkeypatch.setattr(base, "FeatureSource", recording)
+    cfg = config(tmp_path, checkpoint, "postprocessors=[mahalanobis,knn]", "chunk_size=37", "cache_dir=null")
+    run(cfg, overrides=["postprocessors=[mahalanobis,knn]"])
+    assert seen and set(seen) == {37}
