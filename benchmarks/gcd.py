@@ -1,6 +1,6 @@
 """Category discovery: FAISS semi-supervised k-means vs scikit-learn, Vaze K estimation, digits baselines.
 
-    PYTHONPATH=. python benchmarks/gcd.py                    # all parts
+    python -m benchmarks.gcd                 # all parts
     PYTHONPATH=. python benchmarks/gcd.py --parts kmeans     # one part: kmeans | kest | digits
     PYTHONPATH=. python benchmarks/gcd.py --methods simgcd   # also train methods on digits (3 seeds)
 
