@@ -1,8 +1,8 @@
 """Category discovery: FAISS semi-supervised k-means vs scikit-learn, Vaze K estimation, digits baselines.
 
     python -m benchmarks.gcd                 # all parts
-    PYTHONPATH=. python benchmarks/gcd.py --parts kmeans     # one part: kmeans | kest | digits
-    PYTHONPATH=. python benchmarks/gcd.py --methods simgcd   # also train methods on digits (3 seeds)
+    python -m benchmarks.gcd --parts kmeans  # one part: kmeans | kest | digits
+    python -m benchmarks.gcd --methods simgcd  # also train methods on digits (3 seeds)
 
 ``kmeans``: 100k x 256 Gaussian-mixture points, K = 100; the same k-means++ start goes to protolib's
 FAISS k-means and to scikit-learn's Lloyd KMeans (tol 0, the same number of iterations); wall time of the
