@@ -1,16 +1,19 @@
 """Push and prune under DDP (two CPU processes on gloo): each rank streams only its share of the push
 data (``push_dataloader()`` shards it), and both ranks end with the prototypes, provenance and pruning that
-one process and a brute-force search over the whole training set give."""
+one process and a brute-force search over the whole training set give; the schedule's prune runs under a
+DDP trainer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 from ddp_helpers import run_ranks
-from protopnet_helpers import make_module, tiny_digits
+from lightning.pytorch.strategies import DDPStrategy
+from protopnet_helpers import make_module, make_trainer, tiny_digits
 
 from protolib.models.cbc import CBCNet
 from protolib.models.protopnet import ProtoPNet
@@ -129,3 +132,36 @@ def test_ddp_nearest_image_labels_equal_brute_force(records: list[dict]) -> None
         nearest = per_image.flatten(1, 2).amin(dim=1).T  # (P, N)
         order = nearest.argsort(dim=1, stable=True)[:, :K]
         assert torch.equal(record["labels"], data["labels"][order])
+
+
+class SaveNet(L.Callback):
+    """Each rank saves its network, its wrapper and the epochs run when training ends."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {
+            "state": {key: value.clone() for key, value in pl_module.net.state_dict().items()},
+            "wrapper": type(trainer.strategy.model).__name__,
+            "epochs": trainer.current_epoch,
+        }
+        torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_training_with_pruning_under_ddp(tmp_path: Path) -> None:
+    """The schedule's prune runs under DDP (2 spawned CPU processes): the ranks prune the same prototypes,
+    the module is wrapped afresh for the new shapes, and the last-layer epochs after it train in step."""
+    module = make_module(prune=True, prune_k=K, prune_threshold=THRESHOLD, prune_last_layer_epochs=1)
+    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=True)
+    trainer = make_trainer(tmp_path, [SaveNet(tmp_path)], strategy=strategy, devices=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_digits())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * WORLD
+    assert [r["epochs"] for r in ranks] == [len(module.schedule.plan())] * WORLD
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
+    pruned = len(ranks[0]["state"]["prototype_layer.bank.owners"])
+    assert 0 < pruned < len(make_module().net.owners)  # the prune removed some prototypes, not all
+    assert ranks[0]["state"]["last_layer.weight"].shape == (3, pruned)

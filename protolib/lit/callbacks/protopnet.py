@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,24 @@ def push_loader(trainer: L.Trainer) -> DataLoader:
     return datamodule.push_dataloader()
 
 
+def rewrap_ddp(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Wrap ``pl_module`` in a fresh DistributedDataParallel after pruning changed parameter shapes (the old
+    wrapper's gradient buckets hold the old ones); every rank pruned the same prototypes (the prune's search
+    is gathered), so the new wrapper's broadcast from rank 0 changes nothing. DDP reduces only the parameters
+    that require gradients when it is built, so all of them do while it is (as at the first wrap; the phases
+    freeze groups afterwards). A no-op without DDP."""
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel):
+        parameters = list(pl_module.parameters())
+        trainable = [p.requires_grad for p in parameters]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        strategy.model = pl_module
+        strategy.configure_ddp()
+        for parameter, flag in zip(parameters, trainable, strict=True):
+            parameter.requires_grad_(flag)
+
+
 class ProtoPNetTraining(L.Callback):
     """Applies the :class:`ProtoPNetSchedule` epoch by epoch: phase (trainable groups and their learning
     rates), push before the first last-layer epoch of each cycle, and optional pruning.
@@ -186,11 +205,6 @@ class ProtoPNetTraining(L.Callback):
         self.plan = schedule.plan()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.schedule.prune and trainer.world_size > 1:
-            raise ValueError(
-                "schedule.prune removes prototypes, which changes parameter shapes under a DDP wrapper that "
-                "cannot follow; prune on one device (trainer=default), or set model.schedule.prune=false"
-            )
         if stage != "fit" or trainer.fit_loop.max_epochs == len(self.plan):
             return
         pushes = self.schedule.push_epochs()
@@ -217,6 +231,7 @@ class ProtoPNetTraining(L.Callback):
             pl_module.push_prototypes(push_loader(trainer))
         elif entry.action == "prune":
             pl_module.prune_prototypes(push_loader(trainer))
+            rewrap_ddp(trainer, pl_module)
             trainer.strategy.setup_optimizers(trainer)  # parameters changed shape: fresh optimiser state
         pl_module.set_phase(entry.phase, self.schedule.learning_rates(entry), trainer.optimizers[0])
 
