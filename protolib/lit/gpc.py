@@ -99,10 +99,11 @@ class GPCModule(SimGCDModule):
         total = (1 - w) * simclr + w * supcon
         terms = {"simclr": simclr, "supcon": supcon}
         if self.assignments is not None and self.concentration is not None:
-            targets = self.assignments[batch["index"].to(self.assignments.device)]
-            pcl = prototypical_contrastive_loss(
-                list(out["features"].chunk(views)), self.prototype_bank.vectors, self.concentration, targets
-            )
+            device = out["features"].device  # (a restored checkpoint holds them on the CPU)
+            targets = self.assignments.to(device)[batch["index"].to(device)]
+            phi = self.concentration.to(device)
+            views_list = list(out["features"].chunk(views))
+            pcl = prototypical_contrastive_loss(views_list, self.prototype_bank.vectors, phi, targets)
             total = total + self.pcl_weight * pcl
             terms["pcl"] = pcl
         return total, {name: value.detach() for name, value in terms.items()}
