@@ -63,6 +63,8 @@ COLUMNS = {
     "sparsity/prototypes_for_90": "90%",
     "sparsity/global_size": "global",
 }
+# Nauta et al.'s global importance of each visual characteristic (explain.scores.because), a second table
+BECAUSE = {f"because/{name}": name for name in ("hue", "shape", "texture", "contrast", "saturation")}
 
 
 @torch.no_grad()
@@ -93,10 +95,17 @@ def score_checkpoint(checkpoint: Path, names: list[str] | None, max_images: int)
 
 
 def train_and_score(
-    family: str, overrides: list[str], seed: int, names: list[str] | None, max_images: int
+    family: str,
+    overrides: list[str],
+    seed: int,
+    names: list[str] | None,
+    max_images: int,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``experiment=<family>_parts`` with ``overrides`` and score its best checkpoint."""
-    with tempfile.TemporaryDirectory() as out:
+    """Train ``experiment=<family>_parts`` with ``overrides`` and score its best checkpoint (the run folder
+    is ``keep/<family>`` when given, else a temporary one)."""
+    with tempfile.TemporaryDirectory() as temporary:
+        out = str(keep / family) if keep is not None else temporary
         cfg = compose_experiment(f"{family}_parts", [f"seed={seed}", *overrides], out)
         start = time.perf_counter()
         run(cfg)
@@ -115,12 +124,12 @@ def family_overrides(family: str, short: bool, quick: bool) -> list[str]:
     return []
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per model: accuracy, training time and the score columns (- where a score does not apply)."""
-    titles = "  ".join(f"{title:>8}" for title in COLUMNS.values())
+def print_table(rows: list[dict[str, Any]], columns: dict[str, str] = COLUMNS) -> None:
+    """One line per model: accuracy, training time and the score ``columns`` (- where one does not apply)."""
+    titles = "  ".join(f"{title:>8}" for title in columns.values())
     print(f"\nmodel                  acc    train s  {titles}")
     for row in rows:
-        cells = [f"{row[key]:8.3f}" if key in row else f"{'-':>8}" for key in COLUMNS]
+        cells = [f"{row[key]:8.3f}" if key in row else f"{'-':>8}" for key in columns]
         name = row.get("family", row["network"])
         seconds = row.get("train_seconds", float("nan"))
         print(f"{name:<22} {row['test_acc']:.3f}  {seconds:7.0f}  " + "  ".join(cells))
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--short", action="store_true", help="about half of each shipped schedule")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few batches")
+    parser.add_argument("--keep", type=Path, help="keep every run folder (checkpoints) under this folder")
+    parser.add_argument("--overrides", nargs="*", default=[], help="train.py overrides for every family")
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
     args = parser.parse_args()
     unknown = sorted(set(args.families) - set(FAMILIES))
@@ -148,6 +159,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "max_images": args.max_images,
         "seed": args.seed,
+        "overrides": args.overrides,
         "descriptions": {name: spec.description for name, spec in SCORES.items()},
         "rows": [],
     }
@@ -157,12 +169,13 @@ def main() -> None:
         if args.checkpoints:
             row = {"checkpoint": str(job), **score_checkpoint(job, args.scores, args.max_images)}
         else:
-            overrides = family_overrides(job, args.short, args.quick)
-            row = train_and_score(job, overrides, args.seed, args.scores, args.max_images)
+            overrides = [*family_overrides(job, args.short, args.quick), *args.overrides]
+            row = train_and_score(job, overrides, args.seed, args.scores, args.max_images, args.keep)
         report["rows"].append(row)
         atomic_write_json(path, report)
         print_table(report["rows"][-1:])
     print_table(report["rows"])
+    print_table(report["rows"], BECAUSE)
     print(f"\nwrote {path}")
 
 

@@ -300,3 +300,12 @@ def test_consistency_on_cub_part_locations(tmp_path: Path) -> None:
     scores = consistency_and_stability(net, dm, max_images=10, progress=False, half_size=4)
     assert scores["consistency"] == consistency_score(coverage)
     assert 0.0 <= scores["stability"] <= 1.0
+
+
+def test_class_probabilities_are_the_cbc_heads_own() -> None:
+    from explain.scores.evidence import class_probabilities
+
+    logits = torch.tensor([[0.2, 0.9, 0.4]])
+    torch.testing.assert_close(class_probabilities(family_net("cbc", 3), logits), logits)
+    expected = torch.from_numpy(softmax(logits[0].numpy()))[None]
+    torch.testing.assert_close(class_probabilities(family_net("protopnet", 3), logits), expected)

@@ -7,9 +7,10 @@ one predicted on the intact image; ``step`` pixels (all channels) change per ste
 saliency, until all have changed; deletion replaces pixels by zeros (in normalised space: the dataset's
 mean colour), insertion starts from the image blurred by an 11 x 11 Gaussian of std 5 (the reference's
 224-pixel settings; give smaller ones for small images); the curve is the softmax probability of the class
-at every step (``step`` defaults to one image row, the reference's 224 at 224 px), its area the trapezoid
-rule on [0, 1]. Scored for the prototype similarity map of the decision's top prototype and for integrated
-gradients of the logit (``explain.scores.evidence.saliency_maps``).
+at every step (for the CBC head, its own class probability), ``step`` defaults to one image row (the
+reference's 224 at 224 px), the area is the trapezoid rule on [0, 1]. Scored for the prototype similarity
+map of the decision's top prototype and for integrated gradients of the logit
+(``explain.scores.evidence.saliency_maps``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from explain.scores.evidence import (
     SALIENCIES,
     blur,
+    class_probabilities,
     device_of,
     saliency_maps,
     spatial_unavailable,
@@ -72,7 +74,7 @@ def causal_curves(
             mask = (rank[i][None] < thresholds[:, None]).view(steps + 1, 1, h, w)  # (T + 1, 1, H, W)
             versions = torch.where(mask, finish[i], start[i])  # (T + 1, C, H, W)
             probabilities = torch.cat(
-                [net.extract(part)["logits"].softmax(dim=1) for part in versions.split(chunk)]
+                [class_probabilities(net, net.extract(part)["logits"]) for part in versions.split(chunk)]
             )
             curves[i] = probabilities[:, classes[i]]
     return curves

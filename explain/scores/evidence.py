@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from explain.attribution import logit_attributions
 from protolib.models.protopnet import upsample_maps
+from protolib.nn.heads import CBCHead
 from protolib.utils.modes import evaluating
 
 SALIENCIES = ("prototype", "integrated_gradients")  # the explanations deletion / pointing score
@@ -52,6 +53,14 @@ def similarity_maps(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     if maps is None:
         raise ValueError(f"{type(net).__name__}'s forward output has no similarity_maps")
     return maps, net.extract(images)
+
+
+def class_probabilities(net: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """(B, C) class probabilities from the contract's ``logits``: their softmax, except for the CBC head,
+    whose outputs are already class probabilities (its margin loss reads them so)."""
+    if isinstance(getattr(net, "last_layer", None), CBCHead):
+        return logits
+    return logits.softmax(dim=1)
 
 
 def prototype_weights(net: nn.Module) -> torch.Tensor | None:
