@@ -158,11 +158,8 @@ def scores_section(explained: Explained, max_images: int, progress: bool) -> str
             for key, value in sorted(results.items())
             if key.startswith(f"{name}/")
         ]
-        about = (
-            ""
-            if spec is None
-            else f"{spec.description} ({'higher' if spec.higher_is_better else 'lower'} is better)"
-        )
+        direction = {True: "higher is better", False: "lower is better", None: "descriptive"}
+        about = "" if spec is None else f"{spec.description} ({direction[spec.higher_is_better]})"
         parts.append(f"<h3>{_e(name)}</h3><p>{_e(about)}</p>{table(measures, ('measure', 'value'))}")
     if results:
         parts.append(f'<p class="note">each computed on at most {max_images} images.</p>')

@@ -455,6 +455,7 @@ register(
     ScoreSpec(
         compute=compute,
         unavailable=unavailable,
+        higher_is_better=None,
         description=(
             "Nauta et al.'s 'This looks like that, because': mean over prototypes of the similarity drop "
             "when an image's hue, shape, texture, contrast or saturation is modified (descriptive: what the "

@@ -16,11 +16,12 @@ class ScoreSpec:
     ``compute(net, datamodule, max_images=..., progress=...)`` returns ``{measure: value}``;
     ``unavailable(net, datamodule)`` returns None when the score applies, else the reason it does not
     (e.g. "the data has no part masks"), which the report prints instead of a number.
+    ``higher_is_better`` is None for a descriptive score (what a model relies on, neither good nor bad).
     """
 
     compute: Callable[..., dict[str, float]]
     unavailable: Callable[[nn.Module, L.LightningDataModule], str | None]
-    higher_is_better: bool = True
+    higher_is_better: bool | None = True
     description: str = ""
 
 
