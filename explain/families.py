@@ -167,7 +167,7 @@ def _families() -> list[Family]:
     return [
         Family(
             "gcd",
-            "category discovery (SimGCD and other GCD recipes with a prototype bank)",
+            "category discovery (SimGCD, GPC, ProtoGCD: GCD recipes whose clusters are bank prototypes)",
             _is_gcd,
             clusters.cluster_prototypes,
             clusters.explain_cluster_choice,

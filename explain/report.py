@@ -136,7 +136,16 @@ def local_block(explained: Explained, index: int, split: str, root: Path) -> str
     """One local explanation written under ``root/local`` and shown with its summary."""
     item = explained.item(index, split)
     local: Local = explained.family.local(explained, item, root / "local" / f"{split}-{index}.png")
-    caption = f"{split} image {index}: true label {local.label}, predicted {local.predicted}"
+    names = explained.class_names + list(getattr(explained.datamodule, "held_out_class_names", []))
+    true = names[local.label] if 0 <= local.label < len(names) else str(local.label)
+    if explained.family.to_classes is None:
+        decision = f"predicted {names[local.predicted]}"
+    else:  # category discovery: the prediction is a cluster, matched to a class
+        matched = int(explained.family.to_classes(explained, np.array([local.predicted]))[0])
+        decision = (
+            f"joined cluster {local.predicted} (matched to {names[matched] if matched >= 0 else 'none'})"
+        )
+    caption = f"{split} image {index}: true class {true}, {decision}"
     return f"<div>{figure(Picture(local.picture, caption), root)}<pre>{_e(local.summary)}</pre></div>"
 
 
