@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run folders are kept")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few batches, one seed")
+    parser.add_argument(
+        "--step-steps", type=int, default=None, help="steps timed per variant (0: skip the step time)"
+    )
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -161,12 +164,12 @@ def main() -> None:
         for seed in seeds
     ]
     report["runs"] = rows
-    steps = 3 if args.quick else 20
-    reference = step_seconds("protopnet", steps)
+    steps = args.step_steps if args.step_steps is not None else 3 if args.quick else 20
+    reference = step_seconds("protopnet", steps) if steps else float("nan")
     report["step"] = {**STEP, "protopnet_s": reference}
     table = []
     for variant in args.variants:
-        seconds = reference if variant == "protopnet" else step_seconds(variant, steps)
+        seconds = reference if variant == "protopnet" or not steps else step_seconds(variant, steps)
         entry: dict[str, Any] = {"variant": variant, "step_s": seconds}
         entry["step_vs_protopnet"] = seconds / reference
         for dataset in DATASETS:
