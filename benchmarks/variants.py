@@ -4,6 +4,7 @@ kept, the explanation part score on parts, and the train-step time against Proto
     python -m benchmarks.variants                      # every variant, 3 seeds (from the repository root)
     python -m benchmarks.variants --variants tesnet --seeds 0 --datasets parts
     python -m benchmarks.variants --quick              # smoke size (its numbers mean nothing)
+    python -m benchmarks.variants --variants tesnet --overrides model.net.distinct_push=true --runs /tmp/x
 
 A variant ``<name>`` is measured through its shipped experiments ``<name>_digits`` and ``<name>_parts``
 (train.py's ``run``, CPU, the best pushed checkpoint tested); each run keeps its folder (checkpoints, logs,
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="JSON file name under benchmarks/results/")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run folders are kept")
     parser.add_argument("--quick", action="store_true", help="smoke size: a few batches, one seed")
+    parser.add_argument("--overrides", nargs="*", default=[], help="train.py overrides for every run")
     parser.add_argument(
         "--step-steps", type=int, default=None, help="steps timed per variant (0: skip the step time)"
     )
@@ -154,10 +156,15 @@ def main() -> None:
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         "seeds": seeds,
+        "overrides": args.overrides,
     }
     rows = [
         train_once(
-            variant, dataset, seed, QUICK.get(variant, QUICK_SCHEDULE) if args.quick else [], args.runs
+            variant,
+            dataset,
+            seed,
+            [*(QUICK.get(variant, QUICK_SCHEDULE) if args.quick else []), *args.overrides],
+            args.runs,
         )
         for variant in args.variants
         for dataset in args.datasets
