@@ -62,23 +62,30 @@ STEPS: dict[str, tuple[str, list[str]]] = {
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 
 
-def push_cost(log: Path) -> float:
-    """Val accuracy before the final push minus after its last-layer epochs, from the CSV log."""
+def push_accuracies(log: Path) -> tuple[float, float]:
+    """Val accuracy at the end of the last joint epoch before the final push, and the pushed model's at the
+    end of that push's last-layer epochs, from the CSV log (NaN, NaN without a push)."""
     rows = [row for row in csv.DictReader(log.open()) if row.get("val/acc")]
     pushed = [i for i, row in enumerate(rows) if row.get("val/pushed_acc") not in ("", "nan", None)]
     if not pushed:
-        return float("nan")
+        return float("nan"), float("nan")
     last = pushed[-1]
     start = last
     while start > 0 and rows[start - 1].get("val/pushed_acc") not in ("", "nan", None):
         start -= 1  # first last-layer epoch of the final cycle
-    return float(rows[start - 1]["val/acc"]) - float(rows[last]["val/pushed_acc"]) if start else float("nan")
+    if not start:
+        return float("nan"), float("nan")
+    return float(rows[start - 1]["val/acc"]), float(rows[last]["val/pushed_acc"])
 
 
-def train(experiment: str, overrides: list[str], seed: int) -> dict[str, float]:
-    """One run: test metrics, push measures and push cost."""
+def train(
+    experiment: str, overrides: list[str], seed: int, output_dir: Path | None = None
+) -> dict[str, float]:
+    """One run: test metrics, push measures and push cost. The run's files go to ``output_dir`` (kept) or,
+    without one, to a temporary folder (removed)."""
     fixed = ["trainer.accelerator=cpu", "+trainer.enable_progress_bar=false", f"seed={seed}"]
-    with tempfile.TemporaryDirectory() as out, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+    with tempfile.TemporaryDirectory() as temporary, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        out = Path(output_dir or temporary)
         cfg = compose(
             "config", overrides=[f"experiment={experiment}", f"output_dir={out}", *fixed, *overrides]
         )
@@ -88,7 +95,8 @@ def train(experiment: str, overrides: list[str], seed: int) -> dict[str, float]:
         result |= {
             key.removeprefix("test/push_"): v for key, v in metrics.items() if key.startswith("test/push_")
         }
-        result["push_cost"] = push_cost(Path(out) / "csv" / "metrics.csv")
+        before, after = push_accuracies(out / "csv" / "metrics.csv")
+        result |= {"val_before_push": before, "val_after_push": after, "push_cost": before - after}
     return result
 
 

@@ -1,0 +1,53 @@
+"""The own-data recipe and its benchmark: the baseline matches ProtoPNet's backbone and epochs, and the push
+accuracies are read from the right rows of a constructed CSV log."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from config_helpers import compose_config
+from hydra.utils import instantiate
+
+from benchmarks.protopnet_recipe import push_accuracies
+
+HEADER = ["epoch", "step", "train/loss", "val/acc", "val/pushed_acc"]
+
+
+def write_log(path: Path, rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HEADER)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_push_accuracies_reads_the_last_joint_epoch_and_the_end_of_the_final_cycle(tmp_path: Path) -> None:
+    # Epochs 0-1 joint, 2-3 last layer (push 1), 4 joint, 5-6 last layer (push 2); step rows in between.
+    val = [0.50, 0.60, 0.58, 0.62, 0.70, 0.66, 0.69]
+    pushed = [math.nan, math.nan, 0.58, 0.62, math.nan, 0.66, 0.69]
+    rows: list[dict[str, object]] = []
+    for epoch, (acc, pushed_acc) in enumerate(zip(val, pushed, strict=True)):
+        rows.append({"epoch": epoch, "step": 10 * epoch + 5, "train/loss": 1.0})
+        rows.append({"epoch": epoch, "step": 10 * epoch + 9, "val/acc": acc, "val/pushed_acc": pushed_acc})
+    before, after = push_accuracies(write_log(tmp_path / "metrics.csv", rows))
+    assert (before, after) == (0.70, 0.69)  # epoch 4's val/acc, epoch 6's val/pushed_acc
+
+
+def test_push_accuracies_are_nan_without_a_push(tmp_path: Path) -> None:
+    rows: list[dict[str, object]] = [
+        {"epoch": e, "step": e, "val/acc": 0.9, "val/pushed_acc": ""} for e in range(3)
+    ]
+    before, after = push_accuracies(write_log(tmp_path / "metrics.csv", rows))
+    assert math.isnan(before) and math.isnan(after)
+
+
+def test_baseline_own_data_has_protopnet_own_datas_backbone_and_epochs(tmp_path: Path) -> None:
+    base = compose_config(tmp_path, "experiment=baseline_own_data")
+    proto = compose_config(tmp_path, "experiment=protopnet_own_data")
+    for key in ("backbone", "pretrained"):
+        assert base.model.net[key] == proto.model.net[key], key
+    assert proto.model.net.backbone == "small_cnn" and not proto.model.net.pretrained
+    schedule = instantiate(proto.model.schedule)
+    assert base.trainer.max_epochs == len(schedule.plan()) == proto.trainer.max_epochs
