@@ -13,6 +13,7 @@ import pytest
 import torch
 from config_helpers import compose_config
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from protopnet_helpers import make_trainer
 
 from protolib.cli.train import run
@@ -30,7 +31,7 @@ TINY = {
     "gamma": 0.5,
     "prune_threshold": 0.0,
 }
-# epochs: 0 frozen, 1 joint, 2 joint (lr x 0.5), 3 prune + push
+# epochs: 0 frozen, 1 joint, 2 joint (lr x 0.5), then prune + push after epoch 2's last step
 
 
 @pytest.fixture(scope="module")
@@ -156,20 +157,15 @@ def test_prune_shrinks_the_bank_with_the_tree_and_survives_a_checkpoint(datamodu
 # ---------------------------------------------------------------------------- schedule and recipe
 def test_schedule_phases_and_multistep_learning_rates() -> None:
     schedule = ProtoTreeSchedule()  # the paper's CUB recipe
-    assert schedule.total_epochs == 101
-    assert [schedule.phase(e) for e in (0, 29, 30, 99, 100)] == [
-        "frozen",
-        "frozen",
-        "joint",
-        "joint",
-        "project",
-    ]
+    assert schedule.total_epochs == 100
+    assert [schedule.phase(e) for e in (0, 29, 30, 99)] == ["frozen", "frozen", "joint", "joint"]
     assert schedule.learning_rates(0) == {"block": 1e-3, "add_on": 1e-3, "prototypes": 1e-3}
     assert schedule.learning_rates(30)["backbone"] == 1e-5
     assert schedule.learning_rates(59)["prototypes"] == 1e-3  # MultiStepLR: decayed from epoch 60 on
     assert schedule.learning_rates(60)["prototypes"] == pytest.approx(5e-4)
     assert schedule.learning_rates(95)["backbone"] == pytest.approx(1e-5 * 0.5**4)
-    assert schedule.learning_rates(100) == {}
+    with pytest.raises(ValueError, match="past the ProtoTree schedule"):
+        schedule.phase(100)
     with pytest.raises(ValueError, match="unknown parameter groups"):
         ProtoTreeSchedule(lr={"leaves": 1.0})
     with pytest.raises(ValueError, match="freeze_epochs"):
@@ -212,38 +208,69 @@ def test_recipe_trains_its_phases_updates_leaves_and_ends_pruned_and_pushed(
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer(tmp_path, [spy, checkpoints], enable_checkpointing=True)
     trainer.fit(module, datamodule=datamodule)
-    assert trainer.max_epochs == 4
-    assert {e: r["phase"] for e, r in spy.epochs.items()} == {
-        0: "frozen",
-        1: "joint",
-        2: "joint",
-        3: "project",
-    }
+    assert trainer.max_epochs == 3
+    assert {e: r["phase"] for e, r in spy.epochs.items()} == {0: "frozen", 1: "joint", 2: "joint"}
     assert spy.epochs[0]["grads"] == {"add_on", "prototypes"}
     assert spy.epochs[0]["lrs"] == {"add_on": 1e-3, "prototypes": 4e-3}
     assert spy.epochs[1]["grads"] == {"backbone", "add_on", "prototypes"}
     assert spy.epochs[2]["lrs"] == {"backbone": 1e-3, "add_on": 5e-4, "prototypes": 2e-3}
-    assert spy.epochs[3]["grads"] == set()  # the last epoch only prunes, pushes and validates
     assert not torch.equal(spy.epochs[0]["leaves"], spy.epochs[1]["leaves"])  # leaves learn without gradient
     assert torch.equal(spy.epochs[0]["leaves"], torch.zeros(4, 3))  # uniform at the start, as the reference
     pruned = int(module.net.tree.num_prototypes < 3)
-    assert [spy.epochs[e]["revision"] for e in range(4)] == [0, 0, 0, 1 + pruned]  # prune, push before 3
-    assert math.isfinite(float(trainer.callback_metrics["val/pushed_acc"]))
+    assert [spy.epochs[e]["revision"] for e in range(3)] == [0, 0, 0]
+    assert module.phase == "project" and int(module.net.revision) == 1 + pruned  # pruned, pushed after 2
+    assert trainer.global_step == 3 * 2  # every epoch trains (2 batches each); the push follows the last step
+    assert math.isfinite(float(trainer.callback_metrics["val/pushed_acc"]))  # the last validation: pushed
     assert (module.net.provenance()["source_sample"] >= 0).all()
     # Resuming before the end prunes and pushes once; a checkpoint of the pushed tree loads as it is.
     (path,) = (tmp_path / "ckpt").glob("epoch=1-*.ckpt")
     resumed, again = make_module(prune_threshold=0.34), Spy()
     make_trainer(tmp_path, [again]).fit(resumed, datamodule=datamodule, ckpt_path=path)
-    assert {e: r["phase"] for e, r in again.epochs.items()} == {2: "joint", 3: "project"}
-    assert again.epochs[3]["revision"] == 1 + pruned
-    (last,) = (tmp_path / "ckpt").glob("epoch=3-*.ckpt")
+    assert {e: r["phase"] for e, r in again.epochs.items()} == {2: "joint"}
+    assert resumed.phase == "project" and int(resumed.net.revision) == 1 + pruned
+    (last,) = (tmp_path / "ckpt").glob("epoch=2-*.ckpt")
     loaded = make_module()
     loaded.load_state_dict(torch.load(last, weights_only=False)["state_dict"])
     assert loaded.net.tree.num_prototypes == module.net.tree.num_prototypes
     assert torch.equal(loaded.net.bank.vectors, module.net.bank.vectors)
+    assert (loaded.net.provenance()["source_sample"] >= 0).all()  # the last epoch's checkpoint: pushed
     results = make_trainer(tmp_path, []).test(module, datamodule=datamodule, verbose=False)[0]
     assert {"test/acc", "test/acc_greedy", "test/acc_max_path", "test/prototypes"} <= set(results)
     assert 1 <= results["test/mean_path_length"] <= 2
+
+
+class SaveRank(L.Callback):
+    """Each rank saves its network, its optimiser steps and the phase it ended in."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: ProtoTreeModule) -> None:
+        record = {
+            "state": {key: value.clone() for key, value in pl_module.net.state_dict().items()},
+            "wrapper": type(trainer.strategy.model).__name__,
+            "steps": trainer.global_step,
+            "phase": pl_module.phase,
+        }
+        torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_schedule_runs_to_the_pushed_tree_under_ddp(datamodule: DigitsDataModule, tmp_path: Path) -> None:
+    """Under DDP (2 spawned CPU processes, gloo; trainer=ddp's find_unused_parameters, as the frozen epochs
+    need) the whole schedule runs to the prune + push after the last step (no step is skipped: Lightning
+    refuses that under DDP), and the ranks end with the same pruned, pushed tree, validated."""
+    module = make_module(prune_threshold=0.34)
+    strategy = DDPStrategy(start_method="spawn", find_unused_parameters=True)
+    trainer = make_trainer(tmp_path, [SaveRank(tmp_path)], strategy=strategy, devices=2)
+    trainer.fit(module, datamodule=datamodule)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["wrapper"] for r in ranks] == ["DistributedDataParallel"] * 2
+    assert [(r["phase"], r["steps"]) for r in ranks] == [("project", 3 * 2)] * 2  # 3 epochs of 2 steps
+    for key, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][key], value, rtol=0, atol=0, msg=key)
+    assert int(ranks[0]["state"]["revision"]) >= 1 and (ranks[0]["state"]["source_label"] >= 0).all()
+    assert math.isfinite(float(trainer.callback_metrics["val/pushed_acc"]))
 
 
 # ---------------------------------------------------------------------------- configs and training

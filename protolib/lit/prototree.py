@@ -1,7 +1,7 @@
 """The ProtoTree training recipe: negative log-likelihood of the soft tree by gradient for the prototypes and
 the network, the derivative-free leaf update after every batch, then pruning and the push.
 
-The schedule (frozen epochs, multi-step learning rates, the final prune + push) is applied by
+The schedule (frozen epochs, multi-step learning rates, the prune + push after the last step) is applied by
 :class:`~protolib.lit.callbacks.prototree.ProtoTreeTraining`, which the module adds to the trainer itself.
 Test metrics report the soft tree (``test/acc``) beside its deterministic versions (``test/acc_greedy``,
 ``test/acc_max_path``), the prototypes in use and the mean length of the greedy paths.
@@ -88,11 +88,6 @@ class ProtoTreeModule(ClassifierModule):
         return [ProtoTreeTraining(self.schedule)]
 
     # --- steps ----------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if self.phase == "project":
-            return None  # the pruned, pushed tree is only validated; Lightning skips the step
-        return super().training_step(batch, batch_idx)
-
     def compute_loss(
         self, batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -111,6 +106,11 @@ class ProtoTreeModule(ClassifierModule):
         self._batches_per_epoch = max(1, batches)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_leaves()
+
+    def update_leaves(self) -> None:
+        """The derivative-free leaf step from the last training batch's forward pass (once the optimiser has
+        stepped; a no-op when it was already applied)."""
         if self._leaf_batch is None:
             return
         tree = self.net.tree
@@ -148,7 +148,9 @@ class ProtoTreeModule(ClassifierModule):
 
     # --- prune and push (called by the schedule) ---------------------------------------------------------
     def prune_and_push(self, loader: DataLoader) -> None:
-        """The reference's end of training: prune uninformative subtrees, then push every prototype."""
+        """The reference's end of training: prune uninformative subtrees, then push every prototype. The last
+        batch's leaf update comes first (the schedule calls this before the module's own batch-end hook)."""
+        self.update_leaves()
         before = self.net.tree.num_prototypes
         removed = self.net.prune(self.schedule.prune_threshold)
         report = self.net.push(loader, step=self.global_step, percentile=self.schedule.push_percentile)

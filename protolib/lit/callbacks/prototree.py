@@ -5,9 +5,10 @@ As the reference's ``main_tree.py``: ``epochs`` epochs of joint training (protot
 ``block`` of the backbone from the start; the rest of the backbone frozen for the first ``freeze_epochs``),
 every learning rate multiplied by ``gamma`` at each of the ``milestones`` (``MultiStepLR``), the leaves
 updated without gradients after every batch; after training the tree is pruned and its prototypes pushed. The
-prune + push happens at the start of one last epoch that trains nothing, so that the pushed tree is validated
-and checkpointed like any epoch. Every epoch's phase is a function of its number and the tree travels in the
-checkpoint, so resuming resumes the right phase.
+prune + push happens right after the last training step, before the last epoch's validation, so that the
+pushed tree is validated and checkpointed as that epoch, and no epoch runs that trains nothing (an epoch of
+skipped steps is what Lightning refuses under DDP). Every epoch's phase is a function of its number and the
+tree travels in the checkpoint, so resuming resumes the right phase.
 """
 
 from __future__ import annotations
@@ -65,23 +66,20 @@ class ProtoTreeSchedule:
 
     @property
     def total_epochs(self) -> int:
-        """Training epochs plus the final prune + push epoch."""
-        return self.epochs + 1
+        """The schedule's length: the training epochs (the prune + push ends the last one)."""
+        return self.epochs
 
     def phase(self, epoch: int) -> str:
-        """``frozen`` (backbone frozen), ``joint``, or ``project`` (the final prune + push epoch)."""
+        """``frozen`` (backbone frozen) or ``joint``; the module's phase becomes ``project`` once the last
+        epoch's last step has pruned and pushed the tree."""
         if not 0 <= epoch < self.total_epochs:
             raise ValueError(f"epoch {epoch} is past the ProtoTree schedule ({self.total_epochs} epochs)")
-        if epoch == self.epochs:
-            return "project"
         return "frozen" if epoch < self.freeze_epochs else "joint"
 
     def learning_rates(self, epoch: int) -> dict[str, float]:
         """Learning rate of every group trained in ``epoch`` (absent groups are frozen): MultiStepLR's
         ``lr * gamma ** (milestones passed)``, the reference stepping it after every epoch."""
         phase = self.phase(epoch)
-        if phase == "project":
-            return {}
         decay = self.gamma ** sum(m <= epoch for m in self.milestones)
         return {name: lr * decay for name, lr in self.lr.items() if phase == "joint" or name != "backbone"}
 
@@ -112,9 +110,17 @@ class ProtoTreeTraining(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProtoTreeModule) -> None:
         epoch = trainer.current_epoch
-        phase = self.schedule.phase(epoch)
-        if phase == "project":
-            pl_module.prune_and_push(push_loader(trainer))
-            trainer.strategy.setup_optimizers(trainer)  # pruning changed parameter shapes: fresh state
-        pl_module.set_phase(phase, self.schedule.learning_rates(epoch), trainer.optimizers[0])
+        learning_rates = self.schedule.learning_rates(epoch)
+        pl_module.set_phase(self.schedule.phase(epoch), learning_rates, trainer.optimizers[0])
         pl_module.start_leaf_epoch(int(trainer.num_training_batches))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: ProtoTreeModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        """After the last step of the last epoch (on every rank alike): prune and push, then freeze all, so
+        that this epoch's validation and checkpoint are the pruned, pushed tree's."""
+        if trainer.current_epoch != self.schedule.epochs - 1 or not trainer.is_last_batch:
+            return
+        pl_module.prune_and_push(push_loader(trainer))
+        trainer.strategy.setup_optimizers(trainer)  # pruning changed parameter shapes: fresh state
+        pl_module.set_phase("project", {}, trainer.optimizers[0])
