@@ -195,6 +195,25 @@ def test_variant_configs_build_the_paper_models(tmp_path: Path) -> None:
         assert lr == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9), epoch
 
 
+@pytest.mark.parametrize("data", ["digits", "parts"])
+def test_st_protopnet_small_experiments_decay_joint_rates_as_protopnet(data: str, tmp_path: Path) -> None:
+    # the CUB recipe's first decay at joint epoch 2 must not leak into the 21-epoch experiments (it left 2
+    # joint epochs at full rate and 18 at x0.1 / x0.01: parts seed 0 at 0.887): x0.1 at epoch 10, as the
+    # reference's StepLR(step_size=10, gamma=0.1) stepped before each joint epoch, and as protopnet_<data>
+    def joint_factors(experiment: str) -> list[float]:
+        module = build_module(
+            compose_config(tmp_path, f"experiment={experiment}").model,
+            {"num_classes": 10, "in_channels": 3, "image_size": 32},
+        )
+        joint = [entry for entry in module.schedule.plan() if entry.phase == "joint"]
+        base = module.schedule.joint_lr["backbone"]
+        return [module.schedule.learning_rates(entry)["backbone"] / base for entry in joint]
+
+    factors = joint_factors(f"st_protopnet_{data}")
+    assert factors == pytest.approx([0.1 ** ((e + 1) // 10) for e in range(20)], rel=1e-12)
+    assert factors == pytest.approx(joint_factors(f"protopnet_{data}"), rel=1e-12)
+
+
 SHORT = [
     "model.schedule.train_epochs=5",
     "model.schedule.warm_epochs=1",
