@@ -236,3 +236,17 @@ def test_small_cnn_padding_modes() -> None:
     assert not torch.allclose(replicate(image), zeros(image))
     with pytest.raises(ValueError, match="padding_mode"):
         build_backbone("small_cnn", padding_mode="circular-ish")
+
+
+def test_small_cnn_coordinates_tell_interior_locations_apart() -> None:
+    # a constant image with replicate padding: every location's features are equal (nothing tells two
+    # locations apart) unless the coordinate channels say where each pixel is
+    torch.manual_seed(0)
+    image = torch.full((1, 3, 32, 32), 0.5)
+    plain = build_backbone("small_cnn", padding_mode="replicate").eval()
+    coords = build_backbone("small_cnn", padding_mode="replicate", coordinates=True).eval()
+    assert coords.body[0].in_channels == 5 and coords(image).shape == plain(image).shape == (1, 64, 8, 8)
+    flat = plain(image)
+    assert torch.allclose(flat, flat[..., :1, :1].expand_as(flat), atol=1e-6)
+    located = coords(image)[0].flatten(1).T  # (64 locations, 64 channels)
+    assert len(torch.unique(located.round(decimals=5), dim=0)) == 64

@@ -13,10 +13,18 @@ class SmallCNN(nn.Module):
     ``padding_mode`` "zeros" (default) marks the border: a corner location sees padding no interior one does;
     "replicate" / "reflect" pad with image content instead. ``blocks_per_stage`` 2 (default) gives each
     output location a 16 px receptive field, 1 a 10 px one (at 16 px images, 2 sees the whole image).
+    ``coordinates`` appends two input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et
+    al. 2018): every location then knows where it is, not only those whose receptive field reaches the
+    padding, for data whose classes depend on where a part is.
     """
 
     def __init__(
-        self, in_chans: int = 3, width: int = 32, padding_mode: str = "zeros", blocks_per_stage: int = 2
+        self,
+        in_chans: int = 3,
+        width: int = 32,
+        padding_mode: str = "zeros",
+        blocks_per_stage: int = 2,
+        coordinates: bool = False,
     ) -> None:
         super().__init__()
         if padding_mode not in {"zeros", "reflect", "replicate"}:
@@ -34,8 +42,9 @@ class SmallCNN(nn.Module):
         if blocks_per_stage not in (1, 2):
             raise ValueError(f"small_cnn blocks_per_stage must be 1 or 2, got {blocks_per_stage}")
         extra = blocks_per_stage == 2
+        self.coordinates = coordinates
         self.body = nn.Sequential(
-            *block(in_chans, width),
+            *block(in_chans + 2 * coordinates, width),
             *(block(width, width) if extra else []),
             nn.MaxPool2d(2),
             *block(width, 2 * width),
@@ -45,6 +54,12 @@ class SmallCNN(nn.Module):
         self.out_channels = 2 * width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.coordinates:
+            b, _, h, w = images.shape
+            ys = torch.linspace(-1.0, 1.0, h, device=images.device, dtype=images.dtype)
+            xs = torch.linspace(-1.0, 1.0, w, device=images.device, dtype=images.dtype)
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x, y
+            images = torch.cat([images, grid.expand(b, -1, -1, -1)], dim=1)  # (B, C + 2, H, W)
         return self.body(images)  # (B, 2*width, H/4, W/4)
 
 
