@@ -250,3 +250,11 @@ def test_small_cnn_coordinates_tell_interior_locations_apart() -> None:
     assert torch.allclose(flat, flat[..., :1, :1].expand_as(flat), atol=1e-6)
     located = coords(image)[0].flatten(1).T  # (64 locations, 64 channels)
     assert len(torch.unique(located.round(decimals=5), dim=0)) == 64
+
+
+def test_small_cnn_stride_two_keeps_twice_the_resolution() -> None:
+    # without the last pooling: two 3x3 convs (5), pool (6, stride 2), two 3x3 convs (6 + 2 * 2 * 2 = 14)
+    rf = receptive_field(build_backbone("small_cnn", in_chans=1, stride=2), 32, in_chans=1)
+    assert rf.stride == (2.0, 2.0) and rf.size == (14.0, 14.0) and rf.feature_size == (16, 16)
+    with pytest.raises(ValueError, match="stride"):
+        build_backbone("small_cnn", stride=8)

@@ -13,6 +13,8 @@ class SmallCNN(nn.Module):
     ``padding_mode`` "zeros" (default) marks the border: a corner location sees padding no interior one does;
     "replicate" / "reflect" pad with image content instead. ``blocks_per_stage`` 2 (default) gives each
     output location a 16 px receptive field, 1 a 10 px one (at 16 px images, 2 sees the whole image).
+    ``stride`` 2 drops the last pooling: a feature map twice as fine (receptive field 14 px), so a
+    prototype's high-activation box can be centred on a part to 2 px instead of 4 (four times the compute).
     ``coordinates`` appends two input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et
     al. 2018): every location then knows where it is, not only those whose receptive field reaches the
     padding, for data whose classes depend on where a part is.
@@ -25,6 +27,7 @@ class SmallCNN(nn.Module):
         padding_mode: str = "zeros",
         blocks_per_stage: int = 2,
         coordinates: bool = False,
+        stride: int = 4,
     ) -> None:
         super().__init__()
         if padding_mode not in {"zeros", "reflect", "replicate"}:
@@ -41,6 +44,8 @@ class SmallCNN(nn.Module):
 
         if blocks_per_stage not in (1, 2):
             raise ValueError(f"small_cnn blocks_per_stage must be 1 or 2, got {blocks_per_stage}")
+        if stride not in (2, 4):
+            raise ValueError(f"small_cnn stride must be 2 or 4, got {stride}")
         extra = blocks_per_stage == 2
         self.coordinates = coordinates
         self.body = nn.Sequential(
@@ -49,7 +54,7 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
             *block(width, 2 * width),
             *(block(2 * width, 2 * width) if extra else []),
-            nn.MaxPool2d(2),
+            *([nn.MaxPool2d(2)] if stride == 4 else []),
         )
         self.out_channels = 2 * width
 
@@ -60,7 +65,7 @@ class SmallCNN(nn.Module):
             xs = torch.linspace(-1.0, 1.0, w, device=images.device, dtype=images.dtype)
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x, y
             images = torch.cat([images, grid.expand(b, -1, -1, -1)], dim=1)  # (B, C + 2, H, W)
-        return self.body(images)  # (B, 2*width, H/4, W/4)
+        return self.body(images)  # (B, 2*width, H/stride, W/stride)
 
 
 class TimmFeatureMap(nn.Module):
