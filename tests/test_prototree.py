@@ -12,9 +12,12 @@ import lightning as L
 import pytest
 import torch
 from config_helpers import compose_config
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from protopnet_helpers import make_trainer
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from protolib.cli.train import run
 from protolib.data.digits import DigitsDataModule
@@ -286,6 +289,11 @@ def test_experiment_configs_build(tmp_path: Path, experiment: str) -> None:
     groups = module.net.parameter_groups()
     if experiment == "prototree_cub":  # the reference trains ResNet50's last block (layer4.2) from the start
         assert len(groups["block"]) == 9 and groups["add_on"][0].shape == (256, 2048, 1, 1)
+    if cfg.data.get("train_transforms"):  # the reference's augmentation runs as configured
+        augment = v2.Compose(list(instantiate(cfg.data.train_transforms)))
+        torch.manual_seed(0)
+        image = tv_tensors.Image(torch.rand(3, size, size))
+        assert augment(image).shape == (3, size, size)
 
 
 @pytest.mark.slow
