@@ -10,6 +10,7 @@ from pathlib import Path
 from config_helpers import compose_config
 from hydra.utils import instantiate
 
+from benchmarks.protopnet_own_data import run_dir, train_once
 from benchmarks.protopnet_recipe import push_accuracies
 
 HEADER = ["epoch", "step", "train/loss", "val/acc", "val/pushed_acc"]
@@ -51,3 +52,12 @@ def test_baseline_own_data_has_protopnet_own_datas_backbone_and_epochs(tmp_path:
     assert proto.model.net.backbone == "small_cnn" and not proto.model.net.pretrained
     schedule = instantiate(proto.model.schedule)
     assert base.trainer.max_epochs == len(schedule.plan()) == proto.trainer.max_epochs
+
+
+def test_kept_runs_are_reused_and_named_by_their_overrides(tmp_path: Path) -> None:
+    probe = ["model.loss.cluster=0.1"]
+    assert run_dir(tmp_path, "protopnet", "parts", [], 0) != run_dir(tmp_path, "protopnet", "parts", probe, 0)
+    kept = run_dir(tmp_path, "protopnet", "parts", probe, 1)
+    kept.mkdir()
+    (kept / "benchmark.json").write_text('{"test_acc": 0.5}')
+    assert train_once("protopnet", "parts", probe, 1, tmp_path) == {"test_acc": 0.5}  # read back, not trained
