@@ -32,32 +32,63 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def switches(
-    experiment: str, cluster: bool, replicate: bool, distinct: bool, *extra: str
+    experiment: str,
+    cluster: bool = False,
+    replicate: bool = False,
+    distinct: bool = False,
+    coordinates: bool = False,
+    stride: int = 4,
+    from_scratch: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> tuple[str, list[str]]:
-    """``experiment`` with the three recipe switches of conf/model/protopnet.yaml set explicitly."""
-    padding = "{padding_mode:replicate}" if replicate else "null"
+    """``experiment`` with every recipe switch set explicitly, so a step means the same whatever the shipped
+    defaults: the prototype cluster cost and distinct push of conf/model/protopnet.yaml, the small_cnn's
+    replicate padding, coordinate channels and stride, and the paper's cluster / separation weights with the
+    joint rates x0.1 at epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
+    padding = "replicate" if replicate else "zeros"
+    scale, gamma = (0.1, 1.0) if from_scratch else (1.0, 0.1)
     return experiment, [
-        f"model.loss.prototype_cluster={0.8 if cluster else 0.0}",
-        f"model.net.backbone_options={padding}",
+        f"model.loss.cluster={0.8 * scale:g}",
+        f"model.loss.separation={-0.08 * scale:g}",
+        f"model.loss.prototype_cluster={0.8 * scale if cluster else 0.0:g}",
+        "model.schedule.joint_lr_step=10",
+        f"model.schedule.joint_lr_gamma={gamma}",
+        f"++model.net.backbone_options.padding_mode={padding}",
+        f"++model.net.backbone_options.coordinates={str(coordinates).lower()}",
+        f"++model.net.backbone_options.stride={stride}",
         f"model.net.distinct_push={str(distinct).lower()}",
         *extra,
     ]
 
 
+DIGITS, PARTS = "protopnet_digits", "protopnet_parts"
+AT_16, AT_32 = ("data.image_size=16",), ("data.image_size=32",)
 # name -> (experiment, overrides): the steps compared in benchmarks/README.md ("Where prototypes look").
 STEPS: dict[str, tuple[str, list[str]]] = {
-    "digits_paper": switches("protopnet_digits", False, False, False),
-    "digits_replicate": switches("protopnet_digits", False, True, False),
-    "digits_pcluster": switches("protopnet_digits", True, False, False),
-    "digits_pcluster_replicate": switches("protopnet_digits", True, True, False),
-    "digits_default": switches("protopnet_digits", True, True, True),
+    "digits_paper": switches(DIGITS, extra=AT_16),
+    "digits_replicate": switches(DIGITS, replicate=True, extra=AT_16),
+    "digits_pcluster": switches(DIGITS, cluster=True, extra=AT_16),
+    "digits_pcluster_replicate": switches(DIGITS, cluster=True, replicate=True, extra=AT_16),
+    "digits_pcluster_replicate_distinct": switches(DIGITS, True, True, True, extra=AT_16),
     "digits_shallow": switches(
-        "protopnet_digits", True, True, False, "+model.net.backbone_options.blocks_per_stage=1"
+        DIGITS, True, True, extra=(*AT_16, "+model.net.backbone_options.blocks_per_stage=1")
     ),
-    "digits32_pcluster_replicate": switches("protopnet_digits", True, True, False, "data.image_size=32"),
-    "digits32_default": switches("protopnet_digits", True, True, True, "data.image_size=32"),
-    "parts_paper": switches("protopnet_parts", False, False, False),
-    "parts_switches": switches("protopnet_parts", True, True, True),
+    "digits_coordinates": switches(DIGITS, True, True, True, coordinates=True, extra=AT_16),
+    "digits32_pcluster_replicate": switches(DIGITS, cluster=True, replicate=True, extra=AT_32),
+    "digits32_pcluster_replicate_distinct": switches(DIGITS, True, True, True, extra=AT_32),
+    "digits32_coordinates": switches(DIGITS, True, True, True, coordinates=True, extra=AT_32),
+    "digits32_coordinates_from_scratch": switches(
+        DIGITS, True, True, True, coordinates=True, from_scratch=True, extra=AT_32
+    ),
+    "parts_paper": switches(PARTS),
+    "parts_switches": switches(PARTS, cluster=True, replicate=True, distinct=True),
+    "parts_coordinates": switches(PARTS, coordinates=True),
+    "parts_coordinates_replicate": switches(PARTS, replicate=True, coordinates=True),
+    "parts_coordinates_replicate_stride2": switches(PARTS, replicate=True, coordinates=True, stride=2),
+    "parts_coordinates_replicate_from_scratch": switches(
+        PARTS, replicate=True, coordinates=True, from_scratch=True
+    ),
+    "parts_coordinates_switches": switches(PARTS, True, True, True, coordinates=True),
 }
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 

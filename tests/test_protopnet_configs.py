@@ -39,9 +39,9 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
     paper = {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
     assert module.loss.weights == {**paper, "prototype_cluster": 0.8}  # the paper's terms + one switch
-    assert module.net.distinct_push and cfg.data.image_size == 16
+    assert module.net.distinct_push and cfg.data.image_size == 32
     padding = {m.padding_mode for m in module.net.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
-    assert padding == {"replicate"}
+    assert padding == {"replicate"} and module.net.backbone.coordinates
     model = OmegaConf.load(Path(CONFIG_DIR) / "model" / "protopnet.yaml")  # the paper's switches stay off
     assert model.loss.prototype_cluster == 0.0 and model.net.distinct_push is False
     assert model.net.backbone_options is None
@@ -67,6 +67,9 @@ def test_parts_experiment_composes(tmp_path: Path) -> None:
     assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.net.backbone == "small_cnn"
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs
+    # positions for every location and a map fine enough to centre a box on a part: 16 x 16 at 32 px
+    assert module.net.backbone.coordinates and module.net.receptive_field.feature_size == (16, 16)
+    assert module.loss.weights["cluster"] == 0.8 and not module.net.distinct_push  # the paper's loss
 
 
 def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path) -> None:
