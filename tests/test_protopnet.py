@@ -268,8 +268,16 @@ def test_paper_schedule_plan() -> None:
     assert lrs == pytest.approx({"backbone": 1e-5, "add_on": 3e-4, "prototypes": 3e-4})
     assert schedule.learning_rates(plan[11]) == {"last_layer": 1e-4}
     assert schedule.ends_cycle(30) and not schedule.ends_cycle(29) and not schedule.ends_cycle(31)
-    pruned = ProtoPNetSchedule(prune=True, prune_last_layer_epochs=3).plan()
+    assert schedule.final_model(11) and schedule.final_model(30) and not schedule.final_model(10)
+    pruning = ProtoPNetSchedule(prune=True, prune_last_layer_epochs=3)
+    pruned = pruning.plan()
     assert pruned[-3:] == [EpochPlan("last", "prune"), EpochPlan("last"), EpochPlan("last")]
+    # once pruning is on, only the pruned model is final: the pushed ones before it are not kept
+    assert [e for e in range(len(pruned)) if pruning.final_model(e)] == [
+        len(pruned) - 3,
+        len(pruned) - 2,
+        len(pruned) - 1,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -425,4 +433,15 @@ def test_push_early_stopping_counts_pushes_without_improvement() -> None:
     )
     stopper.on_validation_end(not_end, module)  # mid-cycle epochs are ignored (and need no metric)
     assert not not_end.should_stop
+    waiting = PushEarlyStopping(monitor="val/pushed_acc", patience=1)
+    for epoch in ends:  # NaN: a pushed model a prune will replace, never a reason to stop
+        nan = SimpleNamespace(
+            sanity_checking=False,
+            current_epoch=epoch,
+            should_stop=False,
+            callback_metrics={"val/pushed_acc": torch.tensor(math.nan)},
+        )
+        waiting.on_validation_end(nan, module)
+        assert not nan.should_stop
+    assert waiting.state_dict() == {"best": -math.inf, "wait": 0}
     assert math.isinf(PushEarlyStopping().best)

@@ -120,9 +120,9 @@ class ProtoPNetModule(ClassifierModule):
         return [ProtoPNetTraining(self.schedule), *self.extra_callbacks]
 
     def on_validation_epoch_end(self) -> None:
-        # Accuracy of the pushed (interpretable) model; NaN while prototypes are not training patches, so a
-        # checkpoint monitoring it only ever keeps a pushed model.
-        pushed = self.phase == "last" and not self.trainer.sanity_checking
+        # Accuracy of the pushed (interpretable) model; NaN while prototypes are not training patches (or,
+        # when pruning, before the prune), so a checkpoint monitoring it only keeps the final kind of model.
+        pushed = self.schedule.final_model(self.current_epoch) and not self.trainer.sanity_checking
         self.log("val/pushed_acc", self.val_acc.compute() if pushed else math.nan, sync_dist=True)
 
     # --- push and prune (called by the schedule) --------------------------------------------------------

@@ -150,6 +150,16 @@ class ProtoPNetSchedule:
             return {name: lr * decay for name, lr in self.joint_lr.items()}
         return dict(self.last_layer_lr)
 
+    def final_model(self, epoch: int) -> bool:
+        """Whether ``epoch`` trains the model the schedule ends with: a pushed one (last-layer epochs after a
+        push), and once pruning is on, a pruned one (the pushed models before the prune are not kept)."""
+        plan = self.plan()
+        if not 0 <= epoch < len(plan) or plan[epoch].phase != "last":
+            return False
+        if not self.prune:
+            return True
+        return epoch >= len(plan) - self.prune_last_layer_epochs
+
     def ends_cycle(self, epoch: int) -> bool:
         """Whether ``epoch`` is the last last-layer epoch after a push or prune (a pushed model is final)."""
         plan = self.plan()
@@ -267,6 +277,8 @@ class PushEarlyStopping(L.Callback):
                 f"{sorted(trainer.callback_metrics)}"
             )
         value = float(trainer.callback_metrics[self.monitor])
+        if math.isnan(value):  # not the final kind of model yet (pushed before a prune): not a candidate
+            return
         if value > self.best + self.min_delta:
             self.best, self.wait = value, 0
             return
