@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from protolib.cli.train import CONFIG_DIR, run
+from protolib.lit.callbacks.protopnet import EpochPlan
 from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,17 +41,20 @@ def switches(
     coordinates: bool = False,
     stride: int = 4,
     from_scratch: bool = False,
+    prune: bool = False,
+    separation: float = -0.08,
     extra: tuple[str, ...] = (),
 ) -> tuple[str, list[str]]:
     """``experiment`` with every recipe switch set explicitly, so a step means the same whatever the shipped
     defaults: the prototype cluster cost and distinct push of conf/model/protopnet.yaml, the small_cnn's
-    replicate padding, coordinate channels and stride, and the paper's cluster / separation weights with the
-    joint rates x0.1 at epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
+    replicate padding, coordinate channels and stride, the paper's pruning after the last push (with 5
+    last-layer epochs after it), and the paper's cluster / ``separation`` weights with the joint rates x0.1 at
+    epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
     padding = "replicate" if replicate else "zeros"
     scale, gamma = (0.1, 1.0) if from_scratch else (1.0, 0.1)
     return experiment, [
         f"model.loss.cluster={0.8 * scale:g}",
-        f"model.loss.separation={-0.08 * scale:g}",
+        f"model.loss.separation={separation * scale:g}",
         f"model.loss.prototype_cluster={0.8 * scale if cluster else 0.0:g}",
         "model.schedule.joint_lr_step=10",
         f"model.schedule.joint_lr_gamma={gamma}",
@@ -57,6 +62,8 @@ def switches(
         f"++model.net.backbone_options.coordinates={str(coordinates).lower()}",
         f"++model.net.backbone_options.stride={stride}",
         f"model.net.distinct_push={str(distinct).lower()}",
+        f"model.schedule.prune={str(prune).lower()}",
+        "model.schedule.prune_last_layer_epochs=5",
         *extra,
     ]
 
@@ -80,6 +87,9 @@ STEPS: dict[str, tuple[str, list[str]]] = {
     "digits32_coordinates_from_scratch": switches(
         DIGITS, True, True, True, coordinates=True, from_scratch=True, extra=AT_32
     ),
+    "digits32_coordinates_prune": switches(
+        DIGITS, True, True, True, coordinates=True, prune=True, extra=AT_32
+    ),
     "parts_paper": switches(PARTS),
     "parts_switches": switches(PARTS, cluster=True, replicate=True, distinct=True),
     "parts_coordinates": switches(PARTS, coordinates=True),
@@ -89,24 +99,39 @@ STEPS: dict[str, tuple[str, list[str]]] = {
         PARTS, replicate=True, coordinates=True, from_scratch=True
     ),
     "parts_coordinates_switches": switches(PARTS, True, True, True, coordinates=True),
+    "parts_stride2_separation0": switches(PARTS, replicate=True, coordinates=True, stride=2, separation=0.0),
+    "parts_stride2_separation016": switches(
+        PARTS, replicate=True, coordinates=True, stride=2, separation=-0.16
+    ),
+    "parts_stride2_deeper": switches(
+        PARTS,
+        replicate=True,
+        coordinates=True,
+        stride=2,
+        extra=("++model.net.backbone_options.blocks_per_stage=3",),
+    ),
+    "parts_stride2_prune": switches(PARTS, replicate=True, coordinates=True, stride=2, prune=True),
+    "parts_stride2_prune_separation016": switches(
+        PARTS, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.16
+    ),
 }
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 
 
-def push_accuracies(log: Path) -> tuple[float, float]:
+def push_accuracies(log: Path, plan: list[EpochPlan]) -> tuple[float, float]:
     """Val accuracy at the end of the last joint epoch before the final push, and the pushed model's at the
-    end of that push's last-layer epochs, from the CSV log (NaN, NaN without a push)."""
-    rows = [row for row in csv.DictReader(log.open()) if row.get("val/acc")]
-    pushed = [i for i, row in enumerate(rows) if row.get("val/pushed_acc") not in ("", "nan", None)]
-    if not pushed:
+    end of that push's last-layer epochs (before any prune), from the CSV log and the schedule's ``plan``
+    (NaN, NaN without a push or where the log lacks those epochs)."""
+    val = {
+        int(row["epoch"]): float(row["val/acc"]) for row in csv.DictReader(log.open()) if row.get("val/acc")
+    }
+    pushes = [epoch for epoch, entry in enumerate(plan) if entry.action == "push"]
+    if not pushes or not pushes[-1]:
         return float("nan"), float("nan")
-    last = pushed[-1]
-    start = last
-    while start > 0 and rows[start - 1].get("val/pushed_acc") not in ("", "nan", None):
-        start -= 1  # first last-layer epoch of the final cycle
-    if not start:
-        return float("nan"), float("nan")
-    return float(rows[start - 1]["val/acc"]), float(rows[last]["val/pushed_acc"])
+    start = end = pushes[-1]
+    while end + 1 < len(plan) and plan[end + 1].phase == "last" and plan[end + 1].action is None:
+        end += 1  # last last-layer epoch of the final push's cycle
+    return val.get(start - 1, float("nan")), val.get(end, float("nan"))
 
 
 def train(
@@ -126,7 +151,7 @@ def train(
         result |= {
             key.removeprefix("test/push_"): v for key, v in metrics.items() if key.startswith("test/push_")
         }
-        before, after = push_accuracies(out / "csv" / "metrics.csv")
+        before, after = push_accuracies(out / "csv" / "metrics.csv", instantiate(cfg.model.schedule).plan())
         result |= {"val_before_push": before, "val_after_push": after, "push_cost": before - after}
     return result
 

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 
 from benchmarks.protopnet_own_data import run_dir, train_once
 from benchmarks.protopnet_recipe import push_accuracies
+from protolib.lit.callbacks.protopnet import ProtoPNetSchedule
 
 HEADER = ["epoch", "step", "train/loss", "val/acc", "val/pushed_acc"]
 
@@ -24,23 +25,53 @@ def write_log(path: Path, rows: list[dict[str, object]]) -> Path:
     return path
 
 
-def test_push_accuracies_reads_the_last_joint_epoch_and_the_end_of_the_final_cycle(tmp_path: Path) -> None:
-    # Epochs 0-1 joint, 2-3 last layer (push 1), 4 joint, 5-6 last layer (push 2); step rows in between.
-    val = [0.50, 0.60, 0.58, 0.62, 0.70, 0.66, 0.69]
-    pushed = [math.nan, math.nan, 0.58, 0.62, math.nan, 0.66, 0.69]
+def epoch_rows(val: list[float], pushed: list[float]) -> list[dict[str, object]]:
+    """A CSV log's rows: a training-step row and a validation row per epoch."""
     rows: list[dict[str, object]] = []
     for epoch, (acc, pushed_acc) in enumerate(zip(val, pushed, strict=True)):
         rows.append({"epoch": epoch, "step": 10 * epoch + 5, "train/loss": 1.0})
         rows.append({"epoch": epoch, "step": 10 * epoch + 9, "val/acc": acc, "val/pushed_acc": pushed_acc})
-    before, after = push_accuracies(write_log(tmp_path / "metrics.csv", rows))
-    assert (before, after) == (0.70, 0.69)  # epoch 4's val/acc, epoch 6's val/pushed_acc
+    return rows
+
+
+def test_push_accuracies_reads_the_last_joint_epoch_and_the_end_of_the_final_cycle(tmp_path: Path) -> None:
+    # Epochs 0-1 joint, 2-3 last layer (push 1), 4 joint, 5-6 last layer (push 2).
+    schedule = ProtoPNetSchedule(
+        train_epochs=3, warm_epochs=0, push_start=1, push_every=1, last_layer_epochs=2
+    )
+    val = [0.50, 0.60, 0.58, 0.62, 0.70, 0.66, 0.69]
+    pushed = [math.nan, math.nan, 0.58, 0.62, math.nan, 0.66, 0.69]
+    before, after = push_accuracies(
+        write_log(tmp_path / "metrics.csv", epoch_rows(val, pushed)), schedule.plan()
+    )
+    assert (before, after) == (0.70, 0.69)  # epoch 4's val/acc, epoch 6's
+
+
+def test_push_accuracies_stop_before_a_prune(tmp_path: Path) -> None:
+    # The same, then a prune (epoch 7) with 2 last-layer epochs: the push's cycle still ends at epoch 6.
+    schedule = ProtoPNetSchedule(
+        train_epochs=3,
+        warm_epochs=0,
+        push_start=1,
+        push_every=1,
+        last_layer_epochs=2,
+        prune=True,
+        prune_last_layer_epochs=2,
+    )
+    val = [0.50, 0.60, 0.58, 0.62, 0.70, 0.66, 0.69, 0.60, 0.65]
+    pushed = [math.nan] * 7 + [0.60, 0.65]  # only the pruned model counts as pushed
+    before, after = push_accuracies(
+        write_log(tmp_path / "metrics.csv", epoch_rows(val, pushed)), schedule.plan()
+    )
+    assert (before, after) == (0.70, 0.69)
 
 
 def test_push_accuracies_are_nan_without_a_push(tmp_path: Path) -> None:
     rows: list[dict[str, object]] = [
         {"epoch": e, "step": e, "val/acc": 0.9, "val/pushed_acc": ""} for e in range(3)
     ]
-    before, after = push_accuracies(write_log(tmp_path / "metrics.csv", rows))
+    plan = ProtoPNetSchedule(train_epochs=3, warm_epochs=0, push_start=5).plan()
+    before, after = push_accuracies(write_log(tmp_path / "metrics.csv", rows), plan)
     assert math.isnan(before) and math.isnan(after)
 
 

@@ -11,10 +11,11 @@ class SmallCNN(nn.Module):
 
     Sized for 16-64 px images (digits, parts), where a timm ImageNet model would be mostly padding.
     ``padding_mode`` "zeros" (default) marks the border: a corner location sees padding no interior one does;
-    "replicate" / "reflect" pad with image content instead. ``blocks_per_stage`` 2 (default) gives each
-    output location a 16 px receptive field, 1 a 10 px one (at 16 px images, 2 sees the whole image).
-    ``stride`` 2 drops the last pooling: a feature map twice as fine (receptive field 14 px), so a
-    prototype's high-activation box can be centred on a part to 2 px instead of 4 (four times the compute).
+    "replicate" / "reflect" pad with image content instead. ``blocks_per_stage`` (convs per pooling
+    stage) 2 (default) gives each output location a 16 px receptive field, 1 a 10 px one, 3 a 22 px one (at
+    16 px images, 2 sees the whole image). ``stride`` 2 drops the last pooling: a feature map twice as fine
+    (receptive fields 14, 8 and 20 px), so a prototype's high-activation box can be centred on a part to 2 px
+    instead of 4 (four times the compute).
     ``coordinates`` appends two input channels holding each pixel's x and y in [-1, 1] (CoordConv, Liu et
     al. 2018): every location then knows where it is, not only those whose receptive field reaches the
     padding, for data whose classes depend on where a part is.
@@ -42,18 +43,18 @@ class SmallCNN(nn.Module):
                 nn.ReLU(inplace=True),
             ]
 
-        if blocks_per_stage not in (1, 2):
-            raise ValueError(f"small_cnn blocks_per_stage must be 1 or 2, got {blocks_per_stage}")
+        if blocks_per_stage not in (1, 2, 3):
+            raise ValueError(f"small_cnn blocks_per_stage must be 1, 2 or 3, got {blocks_per_stage}")
         if stride not in (2, 4):
             raise ValueError(f"small_cnn stride must be 2 or 4, got {stride}")
-        extra = blocks_per_stage == 2
+        repeats = blocks_per_stage - 1
         self.coordinates = coordinates
         self.body = nn.Sequential(
             *block(in_chans + 2 * coordinates, width),
-            *(block(width, width) if extra else []),
+            *(layer for _ in range(repeats) for layer in block(width, width)),
             nn.MaxPool2d(2),
             *block(width, 2 * width),
-            *(block(2 * width, 2 * width) if extra else []),
+            *(layer for _ in range(repeats) for layer in block(2 * width, 2 * width)),
             *([nn.MaxPool2d(2)] if stride == 4 else []),
         )
         self.out_channels = 2 * width
