@@ -23,6 +23,7 @@ SHORT = [
     "model.schedule.warm_epochs=1",
     "model.schedule.push_start=1",
     "model.schedule.last_layer_epochs=1",
+    "model.schedule.prune_last_layer_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
     "trainer.accelerator=cpu",
@@ -36,7 +37,8 @@ def test_digits_experiment_builds_the_documented_model(tmp_path: Path) -> None:
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": cfg.data.image_size})
     assert isinstance(module, ProtoPNetModule)
     assert module.net.bank.num_prototypes == 100 and module.net.prototype_dim == 128
-    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 31
+    assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 36
+    assert module.schedule.prune and module.schedule.prune_k == 6 and module.schedule.prune_threshold == 3
     paper = {"ce": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
     assert module.loss.weights == {**paper, "prototype_cluster": 0.8}  # the paper's terms + one switch
     assert module.net.distinct_push and cfg.data.image_size == 32
@@ -78,17 +80,20 @@ def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
     (checkpoint,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
-    assert checkpoint.name == "best-epoch02.ckpt"  # the only pushed epoch: 0 warm, 1 joint, 2 push + last
+    # 0 warm, 1 joint, 2 push + last layer, 3 prune + last layer: only the pruned model is kept
+    assert checkpoint.name == "best-epoch03.ckpt"
     module = load_module(checkpoint)
-    assert int(module.net.revision) == 1 and (module.net.provenance()["source_sample"] >= 0).all()
-    pictures = tmp_path / "prototypes" / "epoch-002"
-    assert len(list(pictures.glob("prototype-*.png"))) == 100
+    assert int(module.net.revision) == 2 and (module.net.provenance()["source_sample"] >= 0).all()
+    kept = module.net.bank.num_prototypes
+    assert 0 < kept <= 100 and metrics["test/push_distinct_sources_min"] >= 1
+    pictures = tmp_path / "prototypes" / "epoch-003"
+    assert len(list(pictures.glob("prototype-*.png"))) == kept
     assert (pictures / "gallery-01.png").stat().st_size > 0
-    assert len(json.loads((pictures / "prototypes.json").read_text())) == 100
+    assert len(json.loads((pictures / "prototypes.json").read_text())) == kept
     quality = json.loads((pictures / "quality.json").read_text())
     assert 0.0 <= quality["background_share"] <= 1.0 and quality["distinct_sources_min"] >= 1
     assert metrics["test/push_background_share"] == pytest.approx(quality["background_share"])
     # the same pictures from the checkpoint alone, through the command line
     explain_cli(["prototypes", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again")])
-    assert len(list((tmp_path / "again").glob("prototype-*.png"))) == 100
+    assert len(list((tmp_path / "again").glob("prototype-*.png"))) == kept
     assert (tmp_path / "again" / "prototypes.json").read_text() == (pictures / "prototypes.json").read_text()
