@@ -114,6 +114,15 @@ STEPS: dict[str, tuple[str, list[str]]] = {
     "parts_stride2_prune_separation016": switches(
         PARTS, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.16
     ),
+    "parts_stride2_prune_separation024": switches(
+        PARTS, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.24
+    ),
+    "parts_stride2_prune_separation024_distinct": switches(
+        PARTS, distinct=True, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.24
+    ),
+    "parts_stride2_prune_separation03_distinct": switches(
+        PARTS, distinct=True, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.3
+    ),
 }
 COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
 

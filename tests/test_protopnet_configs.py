@@ -71,7 +71,8 @@ def test_parts_experiment_composes(tmp_path: Path) -> None:
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs
     # positions for every location and a map fine enough to centre a box on a part: 16 x 16 at 32 px
     assert module.net.backbone.coordinates and module.net.receptive_field.feature_size == (16, 16)
-    assert module.loss.weights["cluster"] == 0.8 and not module.net.distinct_push  # the paper's loss
+    assert module.loss.weights["cluster"] == 0.8 and module.loss.weights["separation"] == -0.24
+    assert module.net.distinct_push and module.schedule.prune and cfg.trainer.max_epochs == 36
 
 
 def test_train_py_runs_protopnet_and_keeps_the_best_pushed_model(tmp_path: Path) -> None:
