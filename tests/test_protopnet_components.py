@@ -258,3 +258,14 @@ def test_small_cnn_stride_two_keeps_twice_the_resolution() -> None:
     assert rf.stride == (2.0, 2.0) and rf.size == (14.0, 14.0) and rf.feature_size == (16, 16)
     with pytest.raises(ValueError, match="stride"):
         build_backbone("small_cnn", stride=8)
+
+
+def test_small_cnn_three_blocks_per_stage_widen_the_receptive_field() -> None:
+    # three 3x3 convs (7), pool (8, stride 2), three 3x3 convs (8 + 3 * 2 * 2 = 20); with the last pool 22
+    net = build_backbone("small_cnn", in_chans=1, blocks_per_stage=3, stride=2)
+    assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 6
+    assert receptive_field(net, 32, in_chans=1).size == (20.0, 20.0)
+    deeper = receptive_field(build_backbone("small_cnn", in_chans=1, blocks_per_stage=3), 32, in_chans=1)
+    assert deeper.size == (22.0, 22.0) and deeper.stride == (4.0, 4.0)
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        build_backbone("small_cnn", blocks_per_stage=4)

@@ -7,7 +7,8 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    """Four 3x3 conv blocks with two 2x2 poolings (one with ``stride`` 2): stride 4, ``width * 2`` channels.
+    """Two stages of ``blocks_per_stage`` 3x3 conv blocks, each followed by a 2x2 pooling (the second dropped
+    with ``stride`` 2): stride 4, ``width * 2`` channels.
 
     Sized for 16-64 px images (digits, parts), where a timm ImageNet model would be mostly padding.
     ``padding_mode`` "zeros" (default) marks the border: a corner location sees padding no interior one does;
