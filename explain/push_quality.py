@@ -7,7 +7,8 @@
   and the smallest over classes), and ``duplicates``: prototypes on a patch another prototype of their
   class already took (a collapse; the push warns about it).
 - on ``parts``, the part score of :mod:`explain.scores` (mean share of each box on its class's defining
-  parts) and ``zero_part_share``, the share of prototypes scoring 0.
+  parts), ``zero_part_share``, the share of prototypes scoring 0, and ``part_framing``, what boxes exactly
+  framing each prototype's nearest defining part would score (parts do not fill their boxes: the ceiling).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from explain.scores import box_fractions, box_part_fractions
+from explain.scores import box_fractions, defining_masks, framing_boxes
 
 MIN_FOREGROUND = 0.1  # a box with less than 10 % object pixels is "on background"
 
@@ -30,6 +31,7 @@ class PushQuality:
 
     foreground: torch.Tensor | None  # (P,) object share of each high-activation box; None: mask unknown
     part_score: torch.Tensor | None  # (P,) share of each box on its class's defining parts (parts data)
+    part_framing: torch.Tensor | None  # (P,) the same for a box exactly framing the nearest defining part
     distinct_sources: torch.Tensor  # (C,) distinct source images among each class's prototypes
     duplicates: torch.Tensor  # (C,) prototypes sharing a source patch with another of their class
 
@@ -46,6 +48,8 @@ class PushQuality:
         if self.part_score is not None:
             out["part_score"] = float(self.part_score.mean())
             out["zero_part_share"] = float((self.part_score == 0).float().mean())
+        if self.part_framing is not None:
+            out["part_framing"] = float(self.part_framing.mean())
         return out
 
 
@@ -70,15 +74,17 @@ def push_quality(
     foreground = None
     if all(mask is not None for mask in masks):
         foreground = box_fractions(provenance["activation_box"], torch.stack(masks))
-    part_score = None
+    part_score = part_framing = None
     if class_parts is not None and all("part_mask" in item for item in items):
         part_masks = torch.stack([item["part_mask"] for item in items])  # (P, H, W)
-        part_score = box_part_fractions(provenance["activation_box"], part_masks, owners, class_parts)
+        defining = defining_masks(part_masks, owners, class_parts)
+        part_score = box_fractions(provenance["activation_box"], defining)
+        part_framing = box_fractions(framing_boxes(provenance["activation_box"], defining), defining)
     keys = torch.stack([owners, sources, provenance["location"][:, 0], provenance["location"][:, 1]], dim=1)
     per_class = torch.bincount(owners, minlength=num_classes)
     distinct_patches = torch.bincount(torch.unique(keys, dim=0)[:, 0], minlength=num_classes)
     distinct_images = torch.bincount(torch.unique(keys[:, :2], dim=0)[:, 0], minlength=num_classes)
-    return PushQuality(foreground, part_score, distinct_images, per_class - distinct_patches)
+    return PushQuality(foreground, part_score, part_framing, distinct_images, per_class - distinct_patches)
 
 
 def datamodule_push_quality(model: Any, datamodule: Any) -> PushQuality:

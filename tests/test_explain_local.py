@@ -13,7 +13,7 @@ from explain.__main__ import main as explain_cli
 from explain.attribution import integrated_gradients, save_attribution
 from explain.local import explain_image, plot_explanation, save_explanation
 from explain.prototypes import to_rgb_uint8
-from explain.scores import box_part_fractions, prototype_part_score
+from explain.scores import box_fractions, box_part_fractions, framing_boxes, prototype_part_score
 from protolib.data.parts import PartsDataModule
 from protolib.lit.checkpoint import build_record
 from protolib.lit.protopnet import ProtoPNetModule
@@ -196,21 +196,61 @@ def test_box_part_fractions_on_a_hand_made_mask() -> None:
         box_part_fractions(torch.tensor([[3, 0, 3, 4]]), mask[None], torch.tensor([0]), class_parts)
 
 
+def flood_fill_box(mask: np.ndarray, y: int, x: int) -> list[int]:
+    """x0, y0, x1, y1 of the 8-connected True region of ``mask`` holding (y, x), by breadth-first search."""
+    seen, frontier = {(y, x)}, [(y, x)]
+    while frontier:
+        cy, cx = frontier.pop()
+        for ny in range(cy - 1, cy + 2):
+            for nx in range(cx - 1, cx + 2):
+                inside = 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1]
+                if inside and mask[ny, nx] and (ny, nx) not in seen:
+                    seen.add((ny, nx))
+                    frontier.append((ny, nx))
+    ys, xs = zip(*seen, strict=True)
+    return [min(xs), min(ys), max(xs) + 1, max(ys) + 1]
+
+
+def test_framing_boxes_frame_the_defining_part_nearest_each_box() -> None:
+    ys, xs = np.mgrid[0:16, 0:16] + 0.5
+    mask = np.zeros((16, 16), bool)
+    mask[(ys - 4) ** 2 + (xs - 4) ** 2 <= 3.5**2] = True  # a disc, top-left
+    ring = ((ys - 11) ** 2 + (xs - 11) ** 2 <= 4**2) & ((ys - 11) ** 2 + (xs - 11) ** 2 >= 2**2)
+    mask |= ring  # a ring, bottom-right
+    boxes = torch.tensor([[0, 0, 3, 3], [12, 12, 16, 16], [6, 6, 10, 10], [0, 0, 16, 16]])
+    masks = torch.from_numpy(mask).expand(4, 16, 16).clone()
+    masks[3] = False  # no defining part: the whole image
+    framing = framing_boxes(boxes, masks)
+    disc_box, ring_box = flood_fill_box(mask, 4, 4), flood_fill_box(mask, 11, 7)
+    # box 2's centre (8, 8) is about 2 px from the disc's edge and 0.5 px from the ring's
+    assert framing.tolist() == [disc_box, ring_box, ring_box, [0, 0, 16, 16]]
+    fractions = box_fractions(framing, masks).numpy()
+    direct = [mask[y0:y1, x0:x1].mean() for x0, y0, x1, y1 in (disc_box, ring_box)]
+    np.testing.assert_allclose(fractions[:2], direct, rtol=1e-6)
+    assert fractions[0] > 0.75 > 0.65 > fractions[1] > 0.5 and fractions[3] == 0.0  # a ring is hollow
+
+
 def test_prototype_part_score_matches_a_brute_force_count(
     module: ProtoPNetModule, datamodule: PartsDataModule
 ) -> None:
     dataset = datamodule.push_dataloader().dataset
     score = prototype_part_score(module.net, dataset, datamodule.class_parts)
     provenance = module.net.provenance()
-    expected, whole = [], []
+    expected, whole, framing = [], [], []
     for p in range(module.net.bank.num_prototypes):
         mask = dataset[int(provenance["source_sample"][p])]["part_mask"].numpy()
         defining = np.isin(mask, datamodule.class_parts[int(provenance["owner"][p])])
         x0, y0, x1, y1 = provenance["activation_box"][p].tolist()
         expected.append(defining[y0:y1, x0:x1].mean())
         whole.append(defining.mean())
+        py, px = np.nonzero(defining)  # the defining pixel nearest the box centre, and its part's box
+        nearest = np.argmin((py + 0.5 - (y0 + y1) / 2) ** 2 + (px + 0.5 - (x0 + x1) / 2) ** 2)
+        fx0, fy0, fx1, fy1 = flood_fill_box(defining, py[nearest], px[nearest])
+        framing.append(defining[fy0:fy1, fx0:fx1].mean())
     np.testing.assert_allclose(score.per_prototype.numpy(), expected, rtol=1e-6)
     np.testing.assert_allclose(score.image_fraction.numpy(), whole, rtol=1e-6)
+    np.testing.assert_allclose(score.framing_fraction.numpy(), framing, rtol=1e-6)
+    assert score.framing_mean == pytest.approx(float(np.mean(framing)))
     assert score.mean == pytest.approx(float(np.mean(expected)))
     assert 0.0 < score.image_mean < 1.0
     no_masks = [

@@ -41,6 +41,10 @@ def test_push_quality_counts_background_sources_duplicates_and_parts() -> None:
     summary = quality.summary()
     assert summary["background_share"] == pytest.approx(0.25)
     assert summary["zero_part_share"] == pytest.approx(0.25) and summary["part_score"] == pytest.approx(0.75)
+    # a box exactly framing the nearest defining part: the 2x2 part itself for every prototype, also the
+    # one on background (its nearest defining part is part 1, top-left)
+    torch.testing.assert_close(quality.part_framing, torch.ones(4))
+    assert summary["part_framing"] == pytest.approx(1.0)
     assert summary["distinct_sources_mean"] == 1.5 and summary["distinct_sources_min"] == 1
     assert summary["duplicates"] == 1
 

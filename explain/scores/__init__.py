@@ -13,6 +13,7 @@ from explain.scores.parts import (
     box_fractions,
     box_part_fractions,
     defining_masks,
+    framing_boxes,
     prototype_part_score,
 )
 from explain.scores.registry import SCORES, ScoreSpec, register, score_model
@@ -24,6 +25,7 @@ __all__ = [
     "box_fractions",
     "box_part_fractions",
     "defining_masks",
+    "framing_boxes",
     "prototype_part_score",
     "register",
     "score_model",

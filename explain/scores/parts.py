@@ -4,7 +4,10 @@ On the procedural ``parts`` data a class is defined by which parts appear (``dat
 every image has a part mask, so a pushed prototype can be checked: the fraction of its high-activation box
 (on the training image it was pushed onto) covered by its class's defining parts. 1 = the prototype is a
 defining part; 0 = it is background or a distractor. ``image_fraction`` (the same fraction over the whole
-source image) is the score a prototype would get by covering everything: the level to beat.
+source image) is the score a prototype would get by covering everything: the level to beat;
+``framing_fraction`` (the fraction of a box exactly framing the defining part nearest the prototype's box) is
+the most a box on that part can score, since a part does not fill its bounding box (a disc 79 %, a ring 59 %,
+a triangle 50 %): the level a perfect localiser reaches.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from explain.prototypes import pushed_provenance
@@ -61,12 +66,35 @@ def box_part_fractions(
     return box_fractions(boxes, defining_masks(masks, owners, class_parts))
 
 
+def framing_boxes(boxes: torch.Tensor, defining: torch.Tensor) -> torch.Tensor:
+    """(N, 4) ``x0, y0, x1, y1`` (exclusive ends) of the bounding box of the defining part (a connected
+    region of the boolean masks (N, H, W), 8-connected) nearest the centre of each box (N, 4); the whole
+    image where a mask holds no defining part."""
+    if boxes.shape != (len(defining), 4) or defining.dim() != 3:
+        raise ValueError(
+            f"expected boxes (N, 4) and masks (N, H, W); got {tuple(boxes.shape)}, {tuple(defining.shape)}"
+        )
+    height, width = defining.shape[1:]
+    framing = torch.tensor([[0, 0, width, height]]).repeat(len(boxes), 1)
+    for n, (box, mask) in enumerate(zip(boxes.tolist(), defining.numpy(), strict=True)):
+        regions, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        if count == 0:
+            continue
+        ys, xs = np.nonzero(regions)
+        centre_y, centre_x = (box[1] + box[3]) / 2, (box[0] + box[2]) / 2  # pixel i spans [i, i + 1)
+        nearest = regions[ys, xs][np.argmin((ys + 0.5 - centre_y) ** 2 + (xs + 0.5 - centre_x) ** 2)]
+        ys, xs = np.nonzero(regions == nearest)
+        framing[n] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return framing
+
+
 @dataclass
 class PartScore:
     """Per-prototype part scores of a pushed ProtoPNet and their mean (the interpretability score)."""
 
     per_prototype: torch.Tensor  # (P,) fraction of each high-activation box on its class's defining parts
     image_fraction: torch.Tensor  # (P,) the same fraction over the whole source image: the level to beat
+    framing_fraction: torch.Tensor  # (P,) the same for a box exactly framing the nearest defining part
 
     @property
     def mean(self) -> float:
@@ -77,6 +105,11 @@ class PartScore:
     def image_mean(self) -> float:
         """Mean of ``image_fraction``: what boxes covering the whole image would score."""
         return float(self.image_fraction.mean())
+
+    @property
+    def framing_mean(self) -> float:
+        """Mean of ``framing_fraction``: what boxes exactly framing each prototype's part would score."""
+        return float(self.framing_fraction.mean())
 
 
 def prototype_part_score(
@@ -99,11 +132,13 @@ def prototype_part_score(
             )
         masks.append(item["part_mask"])
     masks = torch.stack(masks)  # (P, H, W)
-    owners = provenance["owner"]
+    defining = defining_masks(masks, provenance["owner"], class_parts)  # (P, H, W)
+    boxes = provenance["activation_box"]
     full = torch.tensor([[0, 0, masks.shape[2], masks.shape[1]]]).expand(len(masks), 4)  # whole image
     return PartScore(
-        per_prototype=box_part_fractions(provenance["activation_box"], masks, owners, class_parts),
-        image_fraction=box_part_fractions(full, masks, owners, class_parts),
+        per_prototype=box_fractions(boxes, defining),
+        image_fraction=box_fractions(full, defining),
+        framing_fraction=box_fractions(framing_boxes(boxes, defining), defining),
     )
 
 
@@ -113,7 +148,7 @@ def part_score(
     """The registered form of :func:`prototype_part_score` on the push data (``max_images`` and ``progress``
     do not apply: one source image per prototype)."""
     score = prototype_part_score(net, datamodule.push_dataloader().dataset, datamodule.class_parts)
-    return {"mean": score.mean, "image_mean": score.image_mean}
+    return {"mean": score.mean, "image_mean": score.image_mean, "framing_mean": score.framing_mean}
 
 
 def part_score_unavailable(net: torch.nn.Module, datamodule: Any) -> str | None:
@@ -133,7 +168,8 @@ register(
         higher_is_better=True,
         description=(
             "mean fraction of each prototype's high-activation box (on its source image) on its class's "
-            "defining parts (image_mean: the same over whole images, the level to beat)"
+            "defining parts (image_mean: the same over whole images, the level to beat; framing_mean: boxes "
+            "exactly framing each prototype's nearest defining part, the level a perfect localiser reaches)"
         ),
     ),
 )
