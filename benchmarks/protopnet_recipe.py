@@ -43,13 +43,15 @@ def switches(
     from_scratch: bool = False,
     prune: bool = False,
     separation: float = -0.08,
+    blocks_per_stage: int = 2,
+    width: int = 32,
     extra: tuple[str, ...] = (),
 ) -> tuple[str, list[str]]:
     """``experiment`` with every recipe switch set explicitly, so a step means the same whatever the shipped
     defaults: the prototype cluster cost and distinct push of conf/model/protopnet.yaml, the small_cnn's
-    replicate padding, coordinate channels and stride, the paper's pruning after the last push (with 5
-    last-layer epochs after it), and the paper's cluster / ``separation`` weights with the joint rates x0.1 at
-    epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
+    replicate padding, coordinate channels, stride, convs per stage and width, the paper's pruning after the
+    last push (with 5 last-layer epochs after it), and the paper's cluster / ``separation`` weights with the
+    joint rates x0.1 at epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
     padding = "replicate" if replicate else "zeros"
     scale, gamma = (0.1, 1.0) if from_scratch else (1.0, 0.1)
     return experiment, [
@@ -61,6 +63,8 @@ def switches(
         f"++model.net.backbone_options.padding_mode={padding}",
         f"++model.net.backbone_options.coordinates={str(coordinates).lower()}",
         f"++model.net.backbone_options.stride={stride}",
+        f"++model.net.backbone_options.blocks_per_stage={blocks_per_stage}",
+        f"++model.net.backbone_options.width={width}",
         f"model.net.distinct_push={str(distinct).lower()}",
         f"model.schedule.prune={str(prune).lower()}",
         "model.schedule.prune_last_layer_epochs=5",
@@ -77,9 +81,7 @@ STEPS: dict[str, tuple[str, list[str]]] = {
     "digits_pcluster": switches(DIGITS, cluster=True, extra=AT_16),
     "digits_pcluster_replicate": switches(DIGITS, cluster=True, replicate=True, extra=AT_16),
     "digits_pcluster_replicate_distinct": switches(DIGITS, True, True, True, extra=AT_16),
-    "digits_shallow": switches(
-        DIGITS, True, True, extra=(*AT_16, "+model.net.backbone_options.blocks_per_stage=1")
-    ),
+    "digits_shallow": switches(DIGITS, True, True, blocks_per_stage=1, extra=AT_16),
     "digits_coordinates": switches(DIGITS, True, True, True, coordinates=True, extra=AT_16),
     "digits32_pcluster_replicate": switches(DIGITS, cluster=True, replicate=True, extra=AT_32),
     "digits32_pcluster_replicate_distinct": switches(DIGITS, True, True, True, extra=AT_32),
@@ -108,7 +110,7 @@ STEPS: dict[str, tuple[str, list[str]]] = {
         replicate=True,
         coordinates=True,
         stride=2,
-        extra=("++model.net.backbone_options.blocks_per_stage=3",),
+        blocks_per_stage=3,
     ),
     "parts_stride2_prune": switches(PARTS, replicate=True, coordinates=True, stride=2, prune=True),
     "parts_stride2_prune_separation016": switches(
@@ -124,7 +126,28 @@ STEPS: dict[str, tuple[str, list[str]]] = {
         PARTS, distinct=True, replicate=True, coordinates=True, stride=2, prune=True, separation=-0.3
     ),
 }
-COLUMNS = ("test_acc", "push_cost", "background_share", "part_score", "zero_part_share", "duplicates")
+# The parts default of 2026-12-03 (stride 2, pruning, separation -0.24, distinct push) with one thing changed;
+# "shallow": one conv per stage (8 px receptive field at stride 2), the default since.
+PARTS_12_03 = {"distinct": True, "replicate": True, "coordinates": True, "stride": 2, "prune": True}
+PARTS_12_03 |= {"separation": -0.24}
+SHALLOW = PARTS_12_03 | {"blocks_per_stage": 1}
+STEPS |= {
+    "parts_12_03_stride4": switches(PARTS, **PARTS_12_03 | {"stride": 4}),
+    "parts_shallow": switches(PARTS, **SHALLOW),
+    "parts_shallow_stride4": switches(PARTS, **SHALLOW | {"stride": 4}),
+    "parts_shallow_separation032": switches(PARTS, **SHALLOW | {"separation": -0.32}),
+    "parts_shallow_width64": switches(PARTS, **SHALLOW | {"width": 64}),
+    "parts_shallow_width16": switches(PARTS, **SHALLOW | {"width": 16}),
+}
+COLUMNS = (
+    "test_acc",
+    "push_cost",
+    "background_share",
+    "part_score",
+    "zero_part_share",
+    "part_framing",
+    "duplicates",
+)
 
 
 def push_accuracies(log: Path, plan: list[EpochPlan]) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from config_helpers import compose_config
 from hydra.utils import instantiate
 
 from benchmarks.protopnet_own_data import run_dir, train_once
-from benchmarks.protopnet_recipe import push_accuracies
+from benchmarks.protopnet_recipe import STEPS, push_accuracies
 from protolib.lit.callbacks.protopnet import ProtoPNetSchedule
 
 HEADER = ["epoch", "step", "train/loss", "val/acc", "val/pushed_acc"]
@@ -92,3 +92,11 @@ def test_kept_runs_are_reused_and_named_by_their_overrides(tmp_path: Path) -> No
     kept.mkdir()
     (kept / "benchmark.json").write_text('{"test_acc": 0.5}')
     assert train_once("protopnet", "parts", probe, 1, tmp_path) == {"test_acc": 0.5}  # read back, not trained
+
+
+def test_every_recipe_step_composes_with_the_backbone_it_names(tmp_path: Path) -> None:
+    """Each step sets every small_cnn option explicitly, so a step keeps its meaning when a default moves."""
+    for name, (experiment, overrides) in STEPS.items():
+        options = compose_config(tmp_path, f"experiment={experiment}", *overrides).model.net.backbone_options
+        named = {o.split("=")[0].rsplit(".", 1)[1]: o.split("=")[1] for o in overrides if "backbone_opt" in o}
+        assert {key: str(options[key]).lower() for key in named} == named, name

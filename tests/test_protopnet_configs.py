@@ -69,8 +69,10 @@ def test_parts_experiment_composes(tmp_path: Path) -> None:
     assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.net.backbone == "small_cnn"
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs
-    # positions for every location and a map fine enough to centre a box on a part: 16 x 16 at 32 px
-    assert module.net.backbone.coordinates and module.net.receptive_field.feature_size == (16, 16)
+    # positions for every location, a map fine enough to centre a box on a part (16 x 16 at 32 px) and
+    # receptive fields of 8 px, about a part's size (9-14 px)
+    rf = module.net.receptive_field
+    assert module.net.backbone.coordinates and rf.feature_size == (16, 16) and rf.size == (8.0, 8.0)
     assert module.loss.weights["cluster"] == 0.8 and module.loss.weights["separation"] == -0.24
     assert module.net.distinct_push and module.schedule.prune and cfg.trainer.max_epochs == 36
 
