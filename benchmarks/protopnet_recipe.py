@@ -138,6 +138,9 @@ STEPS |= {
     "parts_shallow_separation032": switches(PARTS, **SHALLOW | {"separation": -0.32}),
     "parts_shallow_width64": switches(PARTS, **SHALLOW | {"width": 64}),
     "parts_shallow_width16": switches(PARTS, **SHALLOW | {"width": 16}),
+    "parts_shallow_longer": switches(
+        PARTS, **SHALLOW, extra=("model.schedule.train_epochs=31", "trainer.max_epochs=51")
+    ),
 }
 COLUMNS = (
     "test_acc",
