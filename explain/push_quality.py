@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from explain.scores import box_fractions, defining_masks, framing_boxes
+from explain.scores import box_fractions, box_part_score
 
 MIN_FOREGROUND = 0.1  # a box with less than 10 % object pixels is "on background"
 
@@ -77,9 +77,8 @@ def push_quality(
     part_score = part_framing = None
     if class_parts is not None and all("part_mask" in item for item in items):
         part_masks = torch.stack([item["part_mask"] for item in items])  # (P, H, W)
-        defining = defining_masks(part_masks, owners, class_parts)
-        part_score = box_fractions(provenance["activation_box"], defining)
-        part_framing = box_fractions(framing_boxes(provenance["activation_box"], defining), defining)
+        score = box_part_score(provenance["activation_box"], part_masks, owners, class_parts)
+        part_score, part_framing = score.per_prototype, score.framing_fraction
     keys = torch.stack([owners, sources, provenance["location"][:, 0], provenance["location"][:, 1]], dim=1)
     per_class = torch.bincount(owners, minlength=num_classes)
     distinct_patches = torch.bincount(torch.unique(keys, dim=0)[:, 0], minlength=num_classes)

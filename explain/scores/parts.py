@@ -132,8 +132,15 @@ def prototype_part_score(
             )
         masks.append(item["part_mask"])
     masks = torch.stack(masks)  # (P, H, W)
-    defining = defining_masks(masks, provenance["owner"], class_parts)  # (P, H, W)
-    boxes = provenance["activation_box"]
+    return box_part_score(provenance["activation_box"], masks, provenance["owner"], class_parts)
+
+
+def box_part_score(
+    boxes: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
+) -> PartScore:
+    """The part score of boxes (P, 4) ``x0, y0, x1, y1`` on part masks (P, H, W) of the images of prototypes
+    owned by classes ``owners`` (P,), with its two reference levels (whole image, framing)."""
+    defining = defining_masks(masks, owners, class_parts)  # (P, H, W)
     full = torch.tensor([[0, 0, masks.shape[2], masks.shape[1]]]).expand(len(masks), 4)  # whole image
     return PartScore(
         per_prototype=box_fractions(boxes, defining),
