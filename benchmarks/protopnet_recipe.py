@@ -135,6 +135,8 @@ STEPS |= {
     "parts_12_03_stride4": switches(PARTS, **PARTS_12_03 | {"stride": 4}),
     "parts_shallow": switches(PARTS, **SHALLOW),
     "parts_shallow_stride4": switches(PARTS, **SHALLOW | {"stride": 4}),
+    "parts_shallow_separation008": switches(PARTS, **SHALLOW | {"separation": -0.08}),
+    "parts_shallow_separation016": switches(PARTS, **SHALLOW | {"separation": -0.16}),
     "parts_shallow_separation032": switches(PARTS, **SHALLOW | {"separation": -0.32}),
     "parts_shallow_width64": switches(PARTS, **SHALLOW | {"width": 64}),
     "parts_shallow_width16": switches(PARTS, **SHALLOW | {"width": 16}),
