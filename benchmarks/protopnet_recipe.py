@@ -128,8 +128,14 @@ STEPS: dict[str, tuple[str, list[str]]] = {
 }
 # The parts default of 2026-12-03 (stride 2, pruning, separation -0.24, distinct push) with one thing changed;
 # "shallow": one conv per stage (8 px receptive field at stride 2), the default since.
-PARTS_12_03 = {"distinct": True, "replicate": True, "coordinates": True, "stride": 2, "prune": True}
-PARTS_12_03 |= {"separation": -0.24}
+PARTS_12_03 = {
+    "distinct": True,
+    "replicate": True,
+    "coordinates": True,
+    "stride": 2,
+    "prune": True,
+    "separation": -0.24,
+}
 SHALLOW = PARTS_12_03 | {"blocks_per_stage": 1}
 STEPS |= {
     "parts_12_03_stride4": switches(PARTS, **PARTS_12_03 | {"stride": 4}),

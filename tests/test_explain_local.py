@@ -13,7 +13,7 @@ from explain.__main__ import main as explain_cli
 from explain.attribution import integrated_gradients, save_attribution
 from explain.local import explain_image, plot_explanation, save_explanation
 from explain.prototypes import to_rgb_uint8
-from explain.scores import box_fractions, box_part_fractions, framing_boxes, prototype_part_score
+from explain.scores import box_fractions, box_part_score, framing_boxes, prototype_part_score
 from protolib.data.parts import PartsDataModule
 from protolib.lit.checkpoint import build_record
 from protolib.lit.protopnet import ProtoPNetModule
@@ -180,7 +180,7 @@ def test_integrated_gradients_of_the_baseline_itself_are_zero(module: ProtoPNetM
         integrated_gradients(module.net, image, target=1, prototype=0)
 
 
-def test_box_part_fractions_on_a_hand_made_mask() -> None:
+def test_box_part_score_on_a_hand_made_mask() -> None:
     mask = torch.zeros(8, 8, dtype=torch.long)
     mask[:4, :4] = 1  # part 1: top-left quarter
     mask[4:, 4:] = 2  # part 2: bottom-right quarter
@@ -188,12 +188,12 @@ def test_box_part_fractions_on_a_hand_made_mask() -> None:
     class_parts = [(1,), (2, 3)]
     boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 8, 4], [2, 2, 6, 6], [6, 0, 8, 2], [4, 4, 8, 8]])
     owners = torch.tensor([0, 0, 1, 1, 0])
-    fractions = box_part_fractions(boxes, mask.expand(5, 8, 8), owners, class_parts)
+    fractions = box_part_score(boxes, mask.expand(5, 8, 8), owners, class_parts).per_prototype
     # all on part 1 | half of the top half | 2x2 of part 2 in 4x4 | part 3's pixel in a 2x2 box | part 2 is
     # not class 0's
     np.testing.assert_allclose(fractions.numpy(), [1.0, 0.5, 0.25, 0.25, 0.0])
     with pytest.raises(ValueError, match="empty box"):
-        box_part_fractions(torch.tensor([[3, 0, 3, 4]]), mask[None], torch.tensor([0]), class_parts)
+        box_part_score(torch.tensor([[3, 0, 3, 4]]), mask[None], torch.tensor([0]), class_parts)
 
 
 def flood_fill_box(mask: np.ndarray, y: int, x: int) -> list[int]:

@@ -11,7 +11,6 @@ from explain.scores import because, consistency, deletion, parts, pointing, spar
 from explain.scores.parts import (
     PartScore,
     box_fractions,
-    box_part_fractions,
     box_part_score,
     defining_masks,
     framing_boxes,
@@ -24,7 +23,6 @@ __all__ = [
     "PartScore",
     "ScoreSpec",
     "box_fractions",
-    "box_part_fractions",
     "box_part_score",
     "defining_masks",
     "framing_boxes",

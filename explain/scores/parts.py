@@ -30,6 +30,8 @@ def defining_masks(
     masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """(N, H, W) bool: which pixels of part masks (N, H, W) show a part defining class ``owners[i]`` (N,)."""
+    if len(owners) != len(masks):
+        raise ValueError(f"expected owners ({len(masks)},) for masks (N, H, W); got {tuple(owners.shape)}")
     if len(owners) and int(owners.max()) >= len(class_parts):
         raise ValueError(
             f"class {int(owners.max())} has no entry in class_parts ({len(class_parts)} classes given)"
@@ -54,16 +56,6 @@ def box_fractions(boxes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(masks.shape[2])[None, None, :]  # (1, 1, W)
     inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (N, H, W)
     return (inside & masks.bool()).flatten(1).sum(1) / inside.flatten(1).sum(1)
-
-
-def box_part_fractions(
-    boxes: torch.Tensor, masks: torch.Tensor, owners: torch.Tensor, class_parts: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """(N,) fraction of the pixels of each ``x0, y0, x1, y1`` box (N, 4) (exclusive ends) on mask (N, H, W)
-    that belong to a part defining class ``owners`` (N,)."""
-    if len(owners) != len(masks):
-        raise ValueError(f"expected owners ({len(masks)},) for masks (N, H, W); got {tuple(owners.shape)}")
-    return box_fractions(boxes, defining_masks(masks, owners, class_parts))
 
 
 def framing_boxes(boxes: torch.Tensor, defining: torch.Tensor) -> torch.Tensor:
