@@ -43,6 +43,7 @@ def switches(
     from_scratch: bool = False,
     prune: bool = False,
     separation: float = -0.08,
+    cluster_weight: float = 0.8,
     blocks_per_stage: int = 2,
     width: int = 32,
     extra: tuple[str, ...] = (),
@@ -50,12 +51,13 @@ def switches(
     """``experiment`` with every recipe switch set explicitly, so a step means the same whatever the shipped
     defaults: the prototype cluster cost and distinct push of conf/model/protopnet.yaml, the small_cnn's
     replicate padding, coordinate channels, stride, convs per stage and width, the paper's pruning after the
-    last push (with 5 last-layer epochs after it), and the paper's cluster / ``separation`` weights with the
-    joint rates x0.1 at epoch 10, or (``from_scratch``) a tenth of those weights with constant joint rates."""
+    last push (with 5 last-layer epochs after it), and the ``cluster_weight`` / ``separation`` weights (the
+    paper's 0.8 / -0.08 by default) with the joint rates x0.1 at epoch 10, or (``from_scratch``) a tenth of
+    those weights with constant joint rates."""
     padding = "replicate" if replicate else "zeros"
     scale, gamma = (0.1, 1.0) if from_scratch else (1.0, 0.1)
     return experiment, [
-        f"model.loss.cluster={0.8 * scale:g}",
+        f"model.loss.cluster={cluster_weight * scale:g}",
         f"model.loss.separation={separation * scale:g}",
         f"model.loss.prototype_cluster={0.8 * scale if cluster else 0.0:g}",
         "model.schedule.joint_lr_step=10",
@@ -146,6 +148,10 @@ STEPS |= {
     "parts_shallow_separation032": switches(PARTS, **SHALLOW | {"separation": -0.32}),
     "parts_shallow_width64": switches(PARTS, **SHALLOW | {"width": 64}),
     "parts_shallow_width16": switches(PARTS, **SHALLOW | {"width": 16}),
+    "parts_shallow_cluster16": switches(PARTS, **SHALLOW | {"cluster_weight": 1.6}),
+    "parts_shallow_cluster32": switches(PARTS, **SHALLOW | {"cluster_weight": 3.2}),
+    "parts_shallow_linear": switches(PARTS, **SHALLOW, extra=("model.net.similarity.activation=linear",)),
+    "parts_shallow_dim32": switches(PARTS, **SHALLOW, extra=("model.net.prototype_dim=32",)),
     "parts_shallow_longer": switches(
         PARTS, **SHALLOW, extra=("model.schedule.train_epochs=31", "trainer.max_epochs=51")
     ),

@@ -8,7 +8,8 @@
   class already took (a collapse; the push warns about it).
 - on ``parts``, the part score of :mod:`explain.scores` (mean share of each box on its class's defining
   parts), ``zero_part_share``, the share of prototypes scoring 0, and ``part_framing``, what boxes exactly
-  framing each prototype's nearest defining part would score (parts do not fill their boxes: the ceiling).
+  framing each prototype's nearest defining part would score (below 1: parts do not fill their boxes; boxes
+  inside a part score more).
 """
 
 from __future__ import annotations

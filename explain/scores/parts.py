@@ -6,8 +6,9 @@ every image has a part mask, so a pushed prototype can be checked: the fraction 
 defining part; 0 = it is background or a distractor. ``image_fraction`` (the same fraction over the whole
 source image) is the score a prototype would get by covering everything: the level to beat;
 ``framing_fraction`` (the fraction of a box exactly framing the defining part nearest the prototype's box) is
-the most a box on that part can score, since a part does not fill its bounding box (a disc 79 %, a ring 59 %,
-a triangle 50 %): the level a perfect localiser reaches.
+what a box outlining that whole part scores: below 1, since a part does not fill its bounding box (a disc
+79 %, a ring 59 %, a triangle 50 %). It is a reference level, not a bound: a box smaller than the part and
+inside it scores up to 1.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ register(
         description=(
             "mean fraction of each prototype's high-activation box (on its source image) on its class's "
             "defining parts (image_mean: the same over whole images, the level to beat; framing_mean: boxes "
-            "exactly framing each prototype's nearest defining part, the level a perfect localiser reaches)"
+            "exactly framing each prototype's nearest defining part, what outlining the whole part scores)"
         ),
     ),
 )
