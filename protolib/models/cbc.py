@@ -12,7 +12,8 @@ reference's visualisation), leaving the network unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +36,10 @@ class CBCNet(ProtoPNet):
 
     Args (beyond the data's): ``num_components`` K (``None``: the backbone's channels, the reference's
     ``num_features: 0``, with the components initialised as those channels' unit vectors: the reference's
-    softmax over the backbone's channels at the start); ``head``: ``cbc`` or ``rbf``. ``bank`` holds the K
-    component vectors (metric ``ip``); each is "owned" by component index modulo C until a push records the
-    class of the image it is most present in (components serve every class).
+    softmax over the backbone's channels at the start); ``head``: ``cbc`` or ``rbf``; ``backbone_options`` as
+    :class:`ProtoPNet`'s. ``bank`` holds the K component vectors (metric ``ip``); each is "owned" by component
+    index modulo C until a push records the class of the image it is most present in (components serve every
+    class).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class CBCNet(ProtoPNet):
         num_components: int | None = None,
         head: str = "cbc",
         bank: Callable[..., PrototypeBank] = PrototypeBank,
+        backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"CBC head {head!r} is unknown: use one of {sorted(HEADS)}")
@@ -62,6 +65,7 @@ class CBCNet(ProtoPNet):
             prototypes_per_class=1,
             prototype_dim=1,
             bank=bank,
+            backbone_options=backbone_options,
         )
         channels = self.backbone.out_channels
         k = num_components or channels

@@ -11,7 +11,7 @@ prototype landed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ class DeformableProtoPNet(ProtoPNet):
             (prototypes then have the backbone's channels, ``prototype_dim`` is ignored); ``False`` keeps
             ProtoPNet's 1x1-conv add-on to ``prototype_dim`` channels.
         similarity: :class:`PartCosineSimilarity` (the only one with parts).
+        backbone_options, distinct_push: as :class:`ProtoPNet`'s.
     """
 
     def __init__(
@@ -54,6 +55,8 @@ class DeformableProtoPNet(ProtoPNet):
         dilation: int = 2,
         offset_hidden: int = 128,
         upsample: bool = True,
+        backbone_options: Mapping[str, Any] | None = None,
+        distinct_push: bool = False,
     ) -> None:
         super().__init__(
             num_classes,
@@ -65,6 +68,8 @@ class DeformableProtoPNet(ProtoPNet):
             prototype_dim=prototype_dim,
             incorrect_class_connection=incorrect_class_connection,
             bank=bank,
+            backbone_options=backbone_options,
+            distinct_push=distinct_push,
         )
         similarity = similarity or PartCosineSimilarity()
         if upsample:
