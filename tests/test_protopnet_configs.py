@@ -64,15 +64,24 @@ def test_cub_experiment_has_the_paper_recipe_and_augmentation(tmp_path: Path) ->
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 151
 
 
+@pytest.mark.parametrize("experiment", ["protopnet_parts", "tesnet_parts", "st_protopnet_parts", "cbc_parts"])
+def test_parts_experiments_share_protopnet_parts_small_cnn(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, f"experiment={experiment}")
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
+    # positions for every location, a map fine enough to centre a box on a part (16 x 16 at 32 px) and
+    # receptive fields of 8 px, about a part's size (9-14 px), with no zero padding at the border
+    rf, first_conv = module.net.receptive_field, module.net.backbone.body[0]
+    assert module.net.backbone.coordinates and rf.feature_size == (16, 16) and rf.size == (8.0, 8.0)
+    assert first_conv.padding_mode == "replicate" and first_conv.in_channels == 3 + 2
+    # the class-owned pushes take distinct patches (CBC's components belong to no class until pushed)
+    assert module.net.distinct_push == (experiment != "cbc_parts")
+
+
 def test_parts_experiment_composes(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, "experiment=protopnet_parts")
     assert cfg.data._target_.endswith("PartsDataModule") and cfg.model.net.backbone == "small_cnn"
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs
-    # positions for every location, a map fine enough to centre a box on a part (16 x 16 at 32 px) and
-    # receptive fields of 8 px, about a part's size (9-14 px)
-    rf = module.net.receptive_field
-    assert module.net.backbone.coordinates and rf.feature_size == (16, 16) and rf.size == (8.0, 8.0)
     assert module.loss.weights["cluster"] == 0.8 and module.loss.weights["separation"] == -0.24
     assert module.net.distinct_push and module.schedule.prune and cfg.trainer.max_epochs == 36
 
