@@ -64,6 +64,25 @@ def test_cub_experiment_has_the_paper_recipe_and_augmentation(tmp_path: Path) ->
     assert len(module.schedule.plan()) == cfg.trainer.max_epochs == 151
 
 
+@pytest.mark.parametrize("experiment", ["protopnet_digits", "st_protopnet_digits", "cbc_digits"])
+def test_digits_experiments_share_protopnet_digits_small_cnn(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, f"experiment={experiment}")
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 1, "image_size": cfg.data.image_size})
+    # 32 px: the 16 px receptive field is half the image, so where a box sits says what it looks at
+    rf, first_conv = module.net.receptive_field, module.net.backbone.body[0]
+    assert cfg.data.image_size == 32 and rf.size == (16.0, 16.0) and rf.feature_size == (8, 8)
+    assert module.net.backbone.coordinates and first_conv.in_channels == 1 + 2
+    padding = {m.padding_mode for m in module.net.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert padding == {"replicate"} and module.net.distinct_push == (experiment != "cbc_digits")
+
+
+def test_tesnet_digits_keeps_16_px_with_distinct_push(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, "experiment=tesnet_digits")
+    assert (
+        cfg.data.image_size == 16 and cfg.model.net.distinct_push and "backbone_options" not in cfg.model.net
+    )
+
+
 @pytest.mark.parametrize("experiment", ["protopnet_parts", "tesnet_parts", "st_protopnet_parts", "cbc_parts"])
 def test_parts_experiments_share_protopnet_parts_small_cnn(experiment: str, tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, f"experiment={experiment}")
@@ -75,6 +94,17 @@ def test_parts_experiments_share_protopnet_parts_small_cnn(experiment: str, tmp_
     assert first_conv.padding_mode == "replicate" and first_conv.in_channels == 3 + 2
     # the class-owned pushes take distinct patches (CBC's components belong to no class until pushed)
     assert module.net.distinct_push == (experiment != "cbc_parts")
+
+
+def test_deformable_parts_takes_padding_coordinates_and_distinct_push_but_keeps_stride_4(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_config(tmp_path, "experiment=deformable_protopnet_parts")
+    module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
+    net = module.net
+    assert net.backbone.coordinates and net.backbone.body[0].padding_mode == "replicate" and net.distinct_push
+    # the upsampling add-on doubles the stride-4 map: 16 x 16 at 32 px, as protopnet_parts's
+    assert net.receptive_field.stride == (2.0, 2.0) and net.receptive_field.feature_size == (16, 16)
 
 
 def test_parts_experiment_composes(tmp_path: Path) -> None:
