@@ -83,7 +83,9 @@ def test_tesnet_digits_keeps_16_px_with_distinct_push(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("experiment", ["protopnet_parts", "tesnet_parts", "st_protopnet_parts", "cbc_parts"])
+@pytest.mark.parametrize(
+    "experiment", ["protopnet_parts", "tesnet_parts", "st_protopnet_parts", "cbc_parts", "protopool_parts"]
+)
 def test_parts_experiments_share_protopnet_parts_small_cnn(experiment: str, tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, f"experiment={experiment}")
     module = build_module(cfg.model, {"num_classes": 10, "in_channels": 3, "image_size": cfg.data.image_size})
@@ -92,8 +94,9 @@ def test_parts_experiments_share_protopnet_parts_small_cnn(experiment: str, tmp_
     rf, first_conv = module.net.receptive_field, module.net.backbone.body[0]
     assert module.net.backbone.coordinates and rf.feature_size == (16, 16) and rf.size == (8.0, 8.0)
     assert first_conv.padding_mode == "replicate" and first_conv.in_channels == 3 + 2
-    # the class-owned pushes take distinct patches (CBC's components belong to no class until pushed)
-    assert module.net.distinct_push == (experiment != "cbc_parts")
+    # the class-owned pushes take distinct patches (CBC's components and ProtoPool's pool belong to no class)
+    shared = experiment in ("cbc_parts", "protopool_parts")
+    assert getattr(module.net, "distinct_push", False) == (not shared)
 
 
 def test_deformable_parts_takes_padding_coordinates_and_distinct_push_but_keeps_stride_4(

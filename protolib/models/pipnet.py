@@ -11,8 +11,9 @@ no vector, it records where each prototype is most present (source image, patch,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ class PIPNet(nn.Module):
         num_classes: C.
         in_channels, image_size: input images (the receptive field of a patch depends on both).
         backbone, pretrained: ``build_backbone`` name and whether to load its timm weights.
+        backbone_options: extra ``build_backbone`` arguments (``small_cnn``: as ProtoPNet's).
         num_prototypes: P; None uses the backbone's channels as prototypes (the paper), an integer adds the
             1x1 conv the reference code offers (``--num_features``).
         bias: a (non-negative) bias in the head (paper: no).
@@ -81,12 +83,15 @@ class PIPNet(nn.Module):
         inference_threshold: float = 0.1,
         backbone_top: Sequence[str] = (),
         bank: Callable[..., PrototypeBank] = PrototypeBank,
+        backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.image_size = image_size
         self.inference_threshold = inference_threshold
-        self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
+        self.backbone = build_backbone(
+            backbone, pretrained=pretrained, in_chans=in_channels, **dict(backbone_options or {})
+        )
         self.receptive_field: ReceptiveField = receptive_field(self.backbone, image_size, in_channels)
         self.presence = PresenceMaps(self.backbone.out_channels, num_prototypes)
         p = self.presence.num_prototypes

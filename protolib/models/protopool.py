@@ -11,8 +11,9 @@ reverse search (one search row per (prototype, choosing class) pair).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,7 @@ class ProtoPool(nn.Module):
         num_classes: C.
         in_channels, image_size: input images.
         backbone, pretrained: ``build_backbone`` name and timm weights.
+        backbone_options: extra ``build_backbone`` arguments (``small_cnn``: as ProtoPNet's).
         pool_size: M (paper, CUB: 202).
         slots_per_class: K (paper: 10).
         prototype_dim: D (paper, CUB: 256).
@@ -93,12 +95,15 @@ class ProtoPool(nn.Module):
         tau: float = 0.5,
         incorrect_class_connection: float = 0.0,
         bank: Callable[..., PrototypeBank] = PrototypeBank,
+        backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.prototype_dim = prototype_dim
         self.image_size = image_size
-        self.backbone = build_backbone(backbone, pretrained=pretrained, in_chans=in_channels)
+        self.backbone = build_backbone(
+            backbone, pretrained=pretrained, in_chans=in_channels, **dict(backbone_options or {})
+        )
         self.receptive_field: ReceptiveField = receptive_field(self.backbone, image_size, in_channels)
         self.add_on = nn.Sequential(nn.Conv2d(self.backbone.out_channels, prototype_dim, 1), nn.Sigmoid())
         nn.init.kaiming_normal_(self.add_on[0].weight, mode="fan_out", nonlinearity="relu")
