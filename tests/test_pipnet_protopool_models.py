@@ -139,3 +139,12 @@ def test_protopool_push_projects_onto_the_nearest_patch_of_the_choosing_classes(
     assert int(prov["source_sample"][4]) == -1 and torch.isnan(report.distances[4])
     with pytest.raises(ValueError, match="does not prune"):
         net.prune(loader)
+
+
+@pytest.mark.parametrize("network", [PIPNet, ProtoPool])
+def test_backbone_options_reach_the_small_cnn(network: type) -> None:
+    options = {"padding_mode": "replicate", "coordinates": True, "stride": 2, "blocks_per_stage": 1}
+    net = network(3, in_channels=1, image_size=16, backbone="small_cnn", backbone_options=options)
+    assert net.backbone.coordinates and net.backbone.body[0].padding_mode == "replicate"
+    # stride 2 and one conv per stage: an 8 x 8 map of 8 px receptive fields at 16 px
+    assert net.receptive_field.feature_size == (8, 8) and net.receptive_field.size == (8.0, 8.0)
