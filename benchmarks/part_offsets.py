@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
+from torchvision.ops import box_area
 
 from explain.families import load
 from explain.prototypes import pushed_provenance
-from explain.scores.parts import box_fractions, defining_masks, framing_boxes, prototype_part_score
-from protolib.models.protopnet import fetch_images, high_activation_boxes, upsample_maps
+from explain.scores.parts import box_fractions, defining_masks, framing_boxes
+from protolib.models.protopnet import high_activation_boxes, high_activation_masks, upsample_maps
 from protolib.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,9 +42,8 @@ def largest_piece_boxes(maps: torch.Tensor, percentile: float = 95.0) -> tuple[t
     """For upsampled maps (N, H, W): boxes (N, 4) ``x0, y0, x1, y1`` (exclusive ends) around the largest
     8-connected piece of the pixels at or above each map's ``percentile``-th percentile (ties: the first
     piece), and the number of pieces (N,)."""
-    threshold = torch.quantile(maps.flatten(1), percentile / 100.0, dim=1)
     boxes, pieces = [], []
-    for above in (maps >= threshold[:, None, None]).numpy():
+    for above in high_activation_masks(maps, percentile).numpy():
         labels, count = ndimage.label(above, structure=EIGHT_CONNECTED)
         sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
         ys, xs = np.nonzero(labels == np.argmax(sizes) + 1)
@@ -67,11 +67,6 @@ def signed_depths(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return torch.tensor(depths, dtype=torch.float64)
 
 
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """(N,) pixels in each box (N, 4) ``x0, y0, x1, y1``."""
-    return ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).double()
-
-
 def overlap_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(N,) pixels shared by boxes a[i] and b[i] (N, 4)."""
     width = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
@@ -87,33 +82,31 @@ def part_offsets(net: Any, datamodule: Any, percentile: float = 95.0, chunk: int
         raise ValueError(f"part offsets need the parts data (part masks), got {type(datamodule).__name__}")
     dataset = datamodule.push_dataloader().dataset
     provenance, known = pushed_provenance(net)
-    sources = provenance["source_sample"][known]
-    masks = torch.stack([dataset[i]["part_mask"] for i in sources.tolist()])  # (P, H, W)
+    items = [dataset[i] for i in provenance["source_sample"][known].tolist()]  # each source image, once
+    masks = torch.stack([item["part_mask"] for item in items])  # (P, H, W)
     defining = defining_masks(masks, provenance["owner"][known], datamodule.class_parts)
+    images = torch.stack([item["image"] for item in items])  # (P, C, H, W)
     maps = []
-    for ids in known.split(chunk):
-        images = fetch_images(dataset, provenance["source_sample"][ids].tolist())
-        small = net.paired_similarity_maps(images, ids.to(images.device)).cpu()  # (n, h, w)
+    for rows in torch.arange(len(known)).split(chunk):
+        small = net.paired_similarity_maps(images[rows], known[rows]).cpu()  # (n, h, w)
         maps.append(upsample_maps(small, tuple(images.shape[-2:])))
     maps = torch.cat(maps)  # (P, H, W)
     boxes = provenance["activation_box"][known]
     frames = framing_boxes(boxes, defining)
     largest, pieces = largest_piece_boxes(maps, percentile)
-    field, location = net.receptive_field, provenance["location"][known].double()  # (P, 2) row, col
-    centres = torch.stack(  # (P, 2) the pixel holding each pushed patch's receptive-field centre
-        [torch.floor(field.start[axis] + location[:, axis] * field.stride[axis]) for axis in (0, 1)], dim=1
-    ).long()
+    # the pixel holding each pushed patch's receptive-field centre, (P, 2) row, col
+    centres = net.receptive_field.centres(provenance["location"][known]).floor().long()
     centres = torch.minimum(centres.clamp(min=0), torch.tensor(masks.shape[1:]) - 1)
     depths = signed_depths(defining, centres)
     return {
         "prototypes": len(known),
-        "part_score": prototype_part_score(net, dataset, datamodule.class_parts).mean,
+        "part_score": float(box_fractions(boxes, defining).mean()),
         "after_push_score": float(box_fractions(high_activation_boxes(maps, percentile), defining).mean()),
         "one_piece": float((pieces == 1).double().mean()),
         "largest_piece_score": float(box_fractions(largest, defining).mean()),
-        "box_area": float(box_area(boxes).mean()),
-        "frame_area": float(box_area(frames).mean()),
-        "outside_frame": float((1 - overlap_area(boxes, frames) / box_area(boxes)).mean()),
+        "box_area": float(box_area(boxes.double()).mean()),
+        "frame_area": float(box_area(frames.double()).mean()),
+        "outside_frame": float((1 - overlap_area(boxes, frames) / box_area(boxes.double())).mean()),
         "peak_on_part": float((depths > 0).double().mean()),
         "peak_depth_quartiles": np.percentile(depths.numpy(), [25, 50, 75]).round(2).tolist(),
     }

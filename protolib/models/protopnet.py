@@ -70,13 +70,19 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 ACTIVATION_BOXES = ("before_push", "after_push")  # which prototype a push draws its high-activation box from
 
 
-def high_activation_boxes(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
-    """Bounding boxes (N, 4) ``x0, y0, x1, y1`` (exclusive ends) of the pixels of each upsampled map (N, H, W)
-    at or above its ``percentile``-th percentile: the paper's "high-activation region" of a prototype."""
+def high_activation_masks(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
+    """(N, H, W) bool: the pixels of each upsampled map (N, H, W) at or above its ``percentile``-th
+    percentile, the paper's "high-activation region" of a prototype (never empty: the maximum passes)."""
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"high-activation percentile must be in [0, 100], got {percentile}")
     threshold = torch.quantile(maps.flatten(1), percentile / 100.0, dim=1)  # (N,) linear, like numpy
-    mask = maps >= threshold[:, None, None]  # (N, H, W), never empty: the maximum passes
+    return maps >= threshold[:, None, None]
+
+
+def high_activation_boxes(maps: torch.Tensor, percentile: float = 95.0) -> torch.Tensor:
+    """Bounding boxes (N, 4) ``x0, y0, x1, y1`` (exclusive ends) of each map's high-activation region
+    (:func:`high_activation_masks`)."""
+    mask = high_activation_masks(maps, percentile)  # (N, H, W)
     x0, x1 = _span(mask.any(dim=1))  # columns hit (N, W)
     y0, y1 = _span(mask.any(dim=2))  # rows hit (N, H)
     return torch.stack([x0, y0, x1, y1], dim=1).long()

@@ -32,13 +32,19 @@ class ReceptiveField:
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
 
+    def centres(self, locations: torch.Tensor) -> torch.Tensor:
+        """Feature-map locations (N, 2) as (row, col) -> the centres (N, 2) (row, col) of their fields in
+        pixel coordinates (float64; pixel i spans [i, i + 1))."""
+        locations = locations.to(torch.float64)
+        return torch.stack([self.start[axis] + locations[:, axis] * self.stride[axis] for axis in (0, 1)], 1)
+
     def boxes(self, locations: torch.Tensor) -> torch.Tensor:
         """Feature-map locations (N, 2) as (row, col) -> image boxes (N, 4) ``x0, y0, x1, y1`` (x1, y1
         exclusive), clipped to the image; the field of a location, as the reference code draws it."""
-        locations = locations.to(torch.float64)
+        centres = self.centres(locations)
         out = []
         for axis in (1, 0):  # x from columns, then y from rows
-            centre = self.start[axis] + locations[:, axis] * self.stride[axis]
+            centre = centres[:, axis]
             low = torch.floor(centre - self.size[axis] / 2).clamp(0, self.image_size[axis])
             high = torch.ceil(centre + self.size[axis] / 2).clamp(0, self.image_size[axis])
             out.append((low, high))
